@@ -1,0 +1,57 @@
+"""Row kernels and the one contract every backend honours.
+
+The host (engine/api.py, engine/pipeline.py) turns user input into a :class:`Problem`:
+flat arrays and scalars, targets already validated, ignored rows marked with class -1.
+A backend module (``cpu``, ``cuda``) exposes three functions over a Problem:
+
+- ``forward(p) -> (loss, lse)``: per-row loss (0 for ignored rows; z-loss term included)
+  and log-sum-exp, arrays of the compute dtype.
+- ``forward_grad(p, scale, zscale, out) -> (loss, lse)``: as forward, and writes
+  d loss / d logits into ``out`` (same shape as the logits; may *be* the logits buffer).
+  ``scale[i]`` multiplies row i's cross-entropy gradient, ``zscale[i]`` its z-loss term
+  (they differ under ``mean``: weighted vs counted-row denominators).
+- ``stats(p) -> dict``: RowStats arrays (loss, lse, target_logprob, argmax, max_prob,
+  entropy, target_rank, and kl for soft targets).
+
+Kernels know nothing of reductions (quack's split): the host reduces in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# How the logits buffer stores numbers. Numba's CPU target has no float16, so float16
+# and bfloat16 both reach kernels as uint16 bit patterns and are widened in registers.
+STORAGE_NATIVE, STORAGE_F16_BITS, STORAGE_BF16_BITS = 0, 1, 2
+
+
+@dataclass
+class Problem:
+    x: np.ndarray  # 2-D logits: float32/float64, or uint16 bits (see storage)
+    storage: int  # STORAGE_* code
+    compute: np.dtype  # float32 or float64: the arithmetic precision
+    y: np.ndarray | None  # int64 class per row, -1 = not counted (ignored / null)
+    t: np.ndarray | None  # 2-D soft targets in the compute dtype (rows x classes)
+    w: np.ndarray  # class weights, compute dtype, length C
+    eps: float  # label smoothing
+    zeta: float  # z-loss scale
+    cap: float  # softcap (0 = none)
+    kind: int  # options.KIND_* (logits, log_probs, probs)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def classes(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def soft(self) -> bool:
+        return self.t is not None
+
+    @property
+    def itemsize(self) -> int:
+        return self.x.dtype.itemsize
