@@ -17,9 +17,7 @@ def storage_kind(array_dtype: np.dtype, logits_dtype: str | None) -> str:
     dt = np.dtype(array_dtype)
     if logits_dtype == "bfloat16":
         if dt not in (np.dtype(np.uint16), np.dtype(np.int16)):
-            raise TypeError(
-                f"bfloat16 logits must be given as uint16/int16 bit patterns, got {dt}"
-            )
+            raise TypeError(f"bfloat16 logits must be given as uint16/int16 bit patterns, got {dt}")
         return "bfloat16"
     if dt == np.float16:
         return "float16"

@@ -60,9 +60,7 @@ class LossOptions:
                 raise ValueError(f"softcap must be a finite number > 0. Got: {self.softcap}")
             object.__setattr__(self, "softcap", cap)
         if kind != "logits" and (self.z_loss > 0.0 or self.softcap is not None):
-            raise ValueError(
-                "z_loss and softcap act on raw logits; they need input_kind='logits'"
-            )
+            raise ValueError("z_loss and softcap act on raw logits; they need input_kind='logits'")
         if isinstance(self.ignore_index, bool) or not isinstance(
             self.ignore_index, (int, np.integer)
         ):

@@ -124,9 +124,7 @@ def cross_entropy_grad(logits, target, *, grad_output=1.0, **options):
         elif opts.input_kind == "log_probs":
             grad = -scale[:, None] * coef
         else:
-            grad = np.where(
-                x > tiny, -scale[:, None] * coef / np.where(x > tiny, x, 1.0), 0.0
-            )
+            grad = np.where(x > tiny, -scale[:, None] * coef / np.where(x > tiny, x, 1.0), 0.0)
     grad = np.where(counted[:, None], grad, 0.0)
     return loss, grad
 

@@ -1,0 +1,242 @@
+"""In-memory public API: cross_entropy, cross_entropy_grad, row_stats (SPEC §3).
+
+Validation happens here, once; kernels receive a Problem of flat arrays. Reductions are
+applied here in float64 (the kernels return per-row values only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from engine import dtypes
+from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, STORAGE_NATIVE, Problem
+from engine.options import LossOptions, make_options
+
+_STORAGE_CODES = {
+    "float16": STORAGE_F16_BITS,
+    "bfloat16": STORAGE_BF16_BITS,
+    "float32": STORAGE_NATIVE,
+    "float64": STORAGE_NATIVE,
+}
+
+
+@dataclass
+class RowStats:
+    """Per-row statistics; one array per field, one entry per row (SPEC §3)."""
+
+    loss: np.ndarray
+    lse: np.ndarray
+    target_logprob: np.ndarray
+    argmax: np.ndarray
+    max_prob: np.ndarray
+    entropy: np.ndarray
+    target_rank: np.ndarray
+    kl: np.ndarray | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' | 'cuda' | 'auto' -> the backend name to use."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    from engine.kernels import cuda as cuda_backend
+
+    if cuda_backend.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise RuntimeError("CUDA requested but no CUDA device/driver was found")
+    return "cpu"
+
+
+def backend(device: str):
+    """The kernel module for a device name (after resolve_device)."""
+    if resolve_device(device) == "cuda":
+        from engine.kernels import cuda as module
+    else:
+        from engine.kernels import cpu as module
+    return module
+
+
+@dataclass
+class Targets:
+    """Validated targets of one batch of rows."""
+
+    y: np.ndarray | None  # int64 class per row, -1 where not counted
+    t: np.ndarray | None  # soft targets, compute dtype
+    counted: np.ndarray  # bool per row
+    weight_sum: float  # Σ m_i·w[y_i]  (soft: number of rows)
+    counted_rows: int  # Σ m_i          (soft: number of rows)
+
+
+def prepare_targets(target, n: int, c: int, opts: LossOptions, compute, valid=None) -> Targets:
+    """Check targets against PyTorch's rules and compute the mean denominators.
+
+    ``valid`` (optional bool mask) marks null targets from Arrow as not counted.
+    """
+    target = np.asarray(target)
+    w = opts.weight_for(c)
+    if target.ndim == 2:
+        if target.shape != (n, c):
+            raise ValueError(f"Expected target size {tuple((n, c))}, got {tuple(target.shape)}")
+        if not np.issubdtype(target.dtype, np.floating):
+            raise TypeError("probability targets must be floating point")
+        t = np.ascontiguousarray(target, dtype=compute)
+        return Targets(None, t, np.ones(n, dtype=bool), float(n), n)
+    if target.ndim != 1:
+        raise ValueError(
+            f"target must be 1-D (class indices) or 2-D (probabilities), got {target.ndim}-D"
+        )
+    if target.shape[0] != n:
+        raise ValueError(
+            f"Expected input batch_size ({n}) to match target batch_size ({target.shape[0]})."
+        )
+    if not (np.issubdtype(target.dtype, np.integer) or target.dtype == bool):
+        raise TypeError(
+            f"class-index targets must be integers, got {target.dtype} "
+            "(2-D float targets are read as probabilities)"
+        )
+    y = target.astype(np.int64)
+    counted = y != opts.ignore_index
+    if valid is not None:
+        counted &= np.asarray(valid, dtype=bool)
+    bad = counted & ((y < 0) | (y >= c))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise IndexError(f"Target {int(y[row])} is out of bounds (row {row}).")
+    y = np.where(counted, y, -1)
+    weight_sum = float(np.sum(w[y[counted]], dtype=np.float64))
+    return Targets(y, None, counted, weight_sum, int(counted.sum()))
+
+
+def make_problem(logits, targets: Targets, opts: LossOptions) -> Problem:
+    x = np.asarray(logits)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
+    kind = dtypes.storage_kind(x.dtype, opts.logits_dtype)
+    compute = dtypes.compute_dtype(kind)
+    if x.shape[1] == 0:
+        raise ValueError("logits must have at least one class")
+    if x.strides[1] not in (0, x.itemsize) and x.shape[1] > 1:
+        pass  # strided rows are fine (slower); kernels take any layout
+    return Problem(
+        x=x,
+        storage=_STORAGE_CODES[kind],
+        compute=compute,
+        y=targets.y,
+        t=targets.t,
+        w=opts.weight_for(x.shape[1]).astype(compute),
+        eps=opts.label_smoothing,
+        zeta=opts.z_loss,
+        cap=opts.softcap_value,
+        kind=opts.kind_code,
+    )
+
+
+def _compute_dtype(logits, opts):
+    return dtypes.compute_dtype(dtypes.storage_kind(np.asarray(logits).dtype, opts.logits_dtype))
+
+
+def _setup(logits, target, options):
+    opts = make_options(**options)
+    x = np.asarray(logits)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
+    compute = _compute_dtype(x, opts)
+    targets = prepare_targets(target, x.shape[0], x.shape[1], opts, compute)
+    return opts, x, targets, make_problem(x, targets, opts)
+
+
+def reduce_loss(ce_sum: float, z_sum: float, targets_weight: float, counted: int, reduction):
+    """mean/sum of SPEC §2 from float64 sums (z-loss term has its own denominator)."""
+    if reduction == "sum":
+        return ce_sum + z_sum
+    with np.errstate(all="ignore"):
+        value = ce_sum / targets_weight if targets_weight != 0 else float("nan")
+        if z_sum != 0.0:
+            value += z_sum / counted if counted else float("nan")
+    return float(value)
+
+
+def _split_z(loss_rows, lse, targets, opts):
+    """Per-row totals -> (cross-entropy sum, z-loss sum) in float64."""
+    total = float(np.sum(loss_rows, dtype=np.float64))
+    if opts.z_loss == 0.0:
+        return total, 0.0
+    lse64 = lse.astype(np.float64)[targets.counted]
+    z_sum = float(opts.z_loss * np.sum(lse64 * lse64))
+    return total - z_sum, z_sum
+
+
+def _finish(loss_rows, lse, targets, opts):
+    if opts.reduction == "none":
+        return loss_rows
+    ce_sum, z_sum = _split_z(loss_rows, lse, targets, opts)
+    return reduce_loss(ce_sum, z_sum, targets.weight_sum, targets.counted_rows, opts.reduction)
+
+
+def cross_entropy(logits, target, *, device: str = "cpu", **options):
+    """Cross-entropy of 2-D logits against class indices or probabilities (SPEC §2).
+
+    Returns a float (reduction mean/sum) or a per-row array (reduction none).
+    """
+    opts, _, targets, problem = _setup(logits, target, options)
+    loss_rows, lse = backend(device).forward(problem)
+    return _finish(loss_rows, lse, targets, opts)
+
+
+def row_scales(
+    targets: Targets, opts: LossOptions, grad_output, n: int, *, weight_sum=None, counted_rows=None
+):
+    """Per-row gradient scales (cross-entropy, z-loss) for a reduction.
+
+    ``weight_sum``/``counted_rows`` override the denominators (streams know them globally).
+    """
+    g = np.asarray(grad_output, dtype=np.float64)
+    if opts.reduction == "none":
+        g = np.broadcast_to(g, (n,)) if g.ndim == 0 else g
+        if g.shape != (n,):
+            raise ValueError(
+                f"grad_output must be a scalar or have {n} entries for reduction='none'"
+            )
+        return np.ascontiguousarray(g), np.ascontiguousarray(g)
+    if g.ndim != 0:
+        raise ValueError(f"grad_output must be a scalar for reduction='{opts.reduction}'")
+    g = float(g)
+    if opts.reduction == "sum":
+        return np.full(n, g), np.full(n, g)
+    wsum = targets.weight_sum if weight_sum is None else weight_sum
+    counted = targets.counted_rows if counted_rows is None else counted_rows
+    s = g / wsum if wsum != 0 else 0.0
+    zs = g / counted if counted and wsum != 0 else 0.0
+    return np.full(n, s), np.full(n, zs)
+
+
+def cross_entropy_grad(
+    logits, target, *, grad_output=1.0, out=None, device: str = "cpu", **options
+):
+    """(loss, d loss / d logits). ``out=logits`` computes the gradient in place."""
+    opts, x, targets, problem = _setup(logits, target, options)
+    if out is None:
+        out = np.empty(x.shape, dtype=problem.compute)
+    elif out.shape != x.shape:
+        raise ValueError(f"out has shape {out.shape}, expected {x.shape}")
+    elif not out.flags.writeable:
+        raise ValueError("out is read-only")
+    scale, zscale = row_scales(targets, opts, grad_output, x.shape[0])
+    loss_rows, lse = backend(device).forward_grad(problem, scale, zscale, out)
+    return _finish(loss_rows, lse, targets, opts), out
+
+
+def row_stats(logits, target, *, device: str = "cpu", **options) -> RowStats:
+    """Per-row loss, lse, target log-prob, argmax, max prob, entropy, target rank (, kl)."""
+    opts, _, _, problem = _setup(logits, target, options)
+    res = backend(device).stats(problem)
+    return RowStats(**res)

@@ -1,0 +1,143 @@
+"""Vectorisable math for the CPU kernels.
+
+llvmlite from PyPI has no SVML, so ``math.exp`` in a loop stays a scalar libm call. The exp
+below is plain arithmetic (Cody-Waite range reduction + Cephes' degree-5 polynomial) and an
+integer bit-cast for 2^n, which LLVM turns into SIMD. Rounding uses float->int conversion,
+not the ``(x + M) - M`` trick, because ``reassoc`` (needed for vector sums) folds that trick
+away. These helpers are compiled with strict flags: LLVM keeps each instruction's own flags
+after inlining, so a kernel's ``reassoc`` cannot reassociate the range reduction.
+
+float16 / bfloat16 arrive as uint16 bit patterns (Numba's CPU target has no float16) and
+are widened to float32 in registers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+_STRICT = dict(inline="always", cache=True)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    # Numba widens int32 arithmetic to int64; accept any integer and keep the low 32 bits.
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        if bits.bitwidth != 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(x), codegen
+
+
+@njit(**_STRICT)
+def f32_from_bits(bits):
+    return _bits_to_f32(np.int32(bits))
+
+
+@njit(**_STRICT)
+def bits_from_f32(x):
+    return _f32_to_bits(np.float32(x))
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # few mantissa bits: n * _LN2_HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+_P0 = np.float32(1.9875691500e-4)
+_P1 = np.float32(1.3981999507e-3)
+_P2 = np.float32(8.3334519073e-3)
+_P3 = np.float32(4.1665795894e-2)
+_P4 = np.float32(1.6666665459e-1)
+_P5 = np.float32(5.0000001201e-1)
+_F32_LO = np.float32(-88.0)  # below: result flushes to 0 (exp(-88) ~ 6e-39, past normals)
+_F32_HI = np.float32(88.0)  # above: +inf (true exp overflows at 88.72; 2^n needs n <= 127)
+
+
+@njit(**_STRICT)
+def exp_f32(x):
+    """exp(x) in float32, ~1 ulp; -inf -> 0, NaN -> NaN, x > 88.7 -> inf, x < -88 -> 0.
+
+    Comparisons are written so NaN falls through every clamp and reaches the polynomial.
+    """
+    x = np.float32(x)
+    xc = _F32_LO if x < _F32_LO else x
+    xc = _F32_HI if xc > _F32_HI else xc
+    # round(xc * log2e) via truncation of a positive number: floor(t + 0.5)
+    n = np.int32(xc * _LOG2E + np.float32(128.5)) - np.int32(128)
+    fn = np.float32(n)
+    r = xc - fn * _LN2_HI
+    r = r - fn * _LN2_LO
+    r2 = r * r
+    poly = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    poly = poly * r2 + r + np.float32(1.0)
+    scale = _bits_to_f32((n + np.int32(127)) << np.int32(23))
+    y = poly * scale
+    y = np.float32(0.0) if x < _F32_LO else y
+    y = np.float32(np.inf) if x > _F32_HI else y
+    return y
+
+
+@njit(**_STRICT)
+def f16_bits_to_f32(h):
+    """IEEE half (as uint16 bits) -> float32, exact, branch-free (vectorises).
+
+    Shifting the 15 low bits into place and multiplying by 2^112 rebiases the exponent,
+    subnormal halves included; all-ones exponents (inf/NaN) are patched afterwards.
+    """
+    h = np.int32(h) & np.int32(0xFFFF)
+    body = (h & np.int32(0x7FFF)) << np.int32(13)
+    f = _bits_to_f32(body) * np.float32(5.192296858534828e33)  # 2^112
+    special = _bits_to_f32(body | np.int32(0x7F800000))
+    f = special if (h & np.int32(0x7C00)) == np.int32(0x7C00) else f
+    sign = (h & np.int32(0x8000)) << np.int32(16)
+    return _bits_to_f32(_f32_to_bits(f) | sign)
+
+
+@njit(**_STRICT)
+def bf16_bits_to_f32(h):
+    return _bits_to_f32((np.int32(h) & np.int32(0xFFFF)) << np.int32(16))
+
+
+@njit(cache=True)
+def f32_to_f16_bits(x):
+    """float32 -> IEEE half bits, round to nearest even (F. Giesen's float_to_half_fast3)."""
+    f = _f32_to_bits(np.float32(x))
+    sign = f & np.int32(-2147483648)
+    f = f ^ sign
+    if f >= np.int32(0x47800000):  # >= 65536 (after rounding) or inf / NaN
+        o = np.int32(0x7E00) if f > np.int32(0x7F800000) else np.int32(0x7C00)
+    elif f < np.int32(0x38800000):  # result is subnormal or zero
+        fl = _bits_to_f32(f) + np.float32(0.5)  # 0.5 = denorm magic: rounds via the adder
+        o = _f32_to_bits(fl) - np.int32(0x3F000000)
+    else:
+        mant_odd = (f >> np.int32(13)) & np.int32(1)
+        f = f + np.int32(-939524096 + 0xFFF) + mant_odd  # rebias exponent, round
+        o = f >> np.int32(13)
+    o = o | (sign >> np.int32(16)) & np.int32(0xFFFF)
+    return np.uint16(o & np.int32(0xFFFF))
+
+
+@njit(cache=True)
+def f32_to_bf16_bits(x):
+    f = _f32_to_bits(np.float32(x))
+    if (f & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000):
+        return np.uint16(0x7FC0 | ((f >> np.int32(16)) & np.int32(0x8000)))
+    f = f + np.int32(0x7FFF) + ((f >> np.int32(16)) & np.int32(1))
+    return np.uint16((f >> np.int32(16)) & np.int32(0xFFFF))

@@ -1,0 +1,732 @@
+"""Numba CPU kernels: fused row-wise log-sum-exp cross-entropy, its gradient, row stats.
+
+Shape of the work (one row at a time, rows split statically over threads):
+
+- The row is walked in L1-sized blocks. Per block: a 16-lane max, then one vectorised
+  sum of exp(z - block_max) (plus, when an option needs it, a weighted sum of
+  (block_max - z)). Blocks are merged online in float64, so a 256k-class row costs one
+  read from memory and one from L1; no softmax/log-softmax row is ever materialised.
+- Losses are formed from max-relative quantities: loss = (M - z_y) + log S, which keeps
+  float32 accurate for logits of 1e4 where lse - z_y would cancel.
+- The gradient pass re-reads the row once (from cache for rows that fit) and writes
+  d loss / d logits, possibly over the logits themselves.
+- Softcap and probability inputs first transform the row into a per-thread scratch row,
+  then reuse the same fast loops.
+
+Dtype handling: float16 reaches the kernels as uint16 bits and bfloat16 as int16 bits (a
+type each, so Numba compiles one specialisation per storage and caches it); they are
+widened to float32 in registers. Arithmetic is float32 except for float64 input.
+
+Fast-math: ``reassoc`` (and contract/nsz/arcp) so sums vectorise; never nnan/ninf, so
+-inf masks and NaN rows behave exactly as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, Problem
+from engine.kernels._vecmath import (
+    bf16_bits_to_f32,
+    exp_f32,
+    f16_bits_to_f32,
+    f32_to_bf16_bits,
+    f32_to_f16_bits,
+)
+from engine.options import KIND_LOG_PROBS, KIND_LOGITS, KIND_PROBS
+
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+BLOCK = 4096  # elements per block: 16 KiB of float32, stays in L1 between the two reads
+
+_JIT = dict(fastmath=FASTMATH, cache=True, nogil=True)
+_PAR = dict(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+
+# -- type-dispatched scalar helpers (resolved at compile time by argument type) ----------
+
+
+def widen(v):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if v == types.uint16:
+        return lambda v: f16_bits_to_f32(v)
+    if v == types.int16:
+        return lambda v: bf16_bits_to_f32(v)
+    if v in (types.float32, types.float64):
+        return lambda v: v
+    return None
+
+
+def narrow(arr, j, value):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(narrow, inline="always")
+def _narrow(arr, j, value):
+    dt = arr.dtype
+    if dt == types.uint16:
+
+        def store_f16(arr, j, value):
+            arr[j] = f32_to_f16_bits(value)
+
+        return store_f16
+    if dt == types.int16:
+
+        def store_bf16(arr, j, value):
+            arr[j] = np.int16(f32_to_bf16_bits(value))
+
+        return store_bf16
+
+    def store(arr, j, value):
+        arr[j] = value
+
+    return store
+
+
+def vexp(v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(vexp, inline="always")
+def _vexp(v):
+    if v == types.float32:
+        return lambda v: exp_f32(v)
+    return lambda v: math.exp(v)
+
+
+def as_t(value, like):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(as_t, inline="always")
+def _as_t(value, like):
+    """Cast a scalar to the compute dtype, given an array of that dtype."""
+    if like.dtype == types.float32:
+        return lambda value, like: np.float32(value)
+    return lambda value, like: np.float64(value)
+
+
+def tiny_of(like):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(tiny_of, inline="always")
+def _tiny_of(like):
+    if like.dtype == types.float32:
+        return lambda like: np.float32(1.1754943508222875e-38)
+    return lambda like: np.float64(2.2250738585072014e-308)
+
+
+# -- block loops (the hot code) -----------------------------------------------------------
+
+
+@njit(**_JIT)
+def _block_max(row, lo, hi, w):
+    """Max over row[lo:hi] with 16 independent lanes (a single max chain won't vectorise).
+
+    NaN never wins a comparison, so it is skipped here and surfaces in the exp sum.
+    """
+    ninf = as_t(-np.inf, w)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf
+    m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = ninf
+    j = lo
+    while j + 16 <= hi:
+        v = widen(row[j])
+        m0 = v if v > m0 else m0
+        v = widen(row[j + 1])
+        m1 = v if v > m1 else m1
+        v = widen(row[j + 2])
+        m2 = v if v > m2 else m2
+        v = widen(row[j + 3])
+        m3 = v if v > m3 else m3
+        v = widen(row[j + 4])
+        m4 = v if v > m4 else m4
+        v = widen(row[j + 5])
+        m5 = v if v > m5 else m5
+        v = widen(row[j + 6])
+        m6 = v if v > m6 else m6
+        v = widen(row[j + 7])
+        m7 = v if v > m7 else m7
+        v = widen(row[j + 8])
+        m8 = v if v > m8 else m8
+        v = widen(row[j + 9])
+        m9 = v if v > m9 else m9
+        v = widen(row[j + 10])
+        m10 = v if v > m10 else m10
+        v = widen(row[j + 11])
+        m11 = v if v > m11 else m11
+        v = widen(row[j + 12])
+        m12 = v if v > m12 else m12
+        v = widen(row[j + 13])
+        m13 = v if v > m13 else m13
+        v = widen(row[j + 14])
+        m14 = v if v > m14 else m14
+        v = widen(row[j + 15])
+        m15 = v if v > m15 else m15
+        j += 16
+    while j < hi:
+        v = widen(row[j])
+        m0 = v if v > m0 else m0
+        j += 1
+    a = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    b = max(max(max(m8, m9), max(m10, m11)), max(max(m12, m13), max(m14, m15)))
+    return max(a, b)
+
+
+@njit(**_JIT)
+def _block_sumexp(row, lo, hi, bm, w):
+    """Σ exp(z - bm), split as (count of exact 1s, sum of the rest).
+
+    The max element contributes exactly 1; keeping it out of the float32 sum lets
+    log S = log1p(...) stay accurate for confident rows whose loss is ~1e-5.
+    """
+    ones = as_t(0.0, w)
+    rest = as_t(0.0, w)
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    for j in range(lo, hi):
+        e = vexp(widen(row[j]) - bm)
+        big = e >= one
+        ones += one if big else zero
+        rest += zero if big else e
+    return ones, rest
+
+
+@njit(**_JIT)
+def _block_sumexp_entropy(row, lo, hi, bm, w):
+    """_block_sumexp plus Σ e·(bm - z); e = 0 terms add 0 even where z = -inf."""
+    ones = as_t(0.0, w)
+    rest = as_t(0.0, w)
+    h = as_t(0.0, w)
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    for j in range(lo, hi):
+        d = bm - widen(row[j])
+        e = vexp(-d)
+        big = e >= one
+        ones += one if big else zero
+        rest += zero if big else e
+        h += e * d if e > zero else zero
+    return ones, rest, h
+
+
+@njit(**_JIT)
+def _block_deviation(row, lo, hi, bm, w, t, c1, c0):
+    """Σ u·(bm - z) and Σ u with u_j = w_j (class smoothing) or w_j·(c1·t_j + c0) (soft).
+
+    u = 0 terms add 0 even where z = -inf (PyTorch's 0·log 0 = 0 convention).
+    """
+    a = as_t(0.0, w)
+    total = as_t(0.0, w)
+    zero = as_t(0.0, w)
+    if t.shape[0] == 0:
+        for j in range(lo, hi):
+            u = w[j]
+            d = bm - widen(row[j])
+            a += u * d if u != zero else zero
+            total += u
+    else:
+        for j in range(lo, hi):
+            u = w[j] * (c1 * t[j] + c0)
+            d = bm - widen(row[j])
+            a += u * d if u != zero else zero
+            total += u
+    return a, total
+
+
+# -- one row -----------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy):
+    """Online merge of the blocks of one row, in float64.
+
+    Returns (M, S, D, U, H): max, Σ exp(z-M), Σ u·(M-z), Σ u, Σ exp(z-M)·(M-z).
+    """
+    n = row.shape[0]
+    M = -np.inf
+    S = 0.0
+    D = 0.0
+    U = 0.0
+    H = 0.0
+    wsum_bm = 0.0  # Σ_blocks U_b·bm, to move deviations from block max to the row max
+    lo = 0
+    while lo < n:
+        hi = min(lo + BLOCK, n)
+        bm = _block_max(row, lo, hi, w)
+        bm64 = np.float64(bm)
+        if want_dev:
+            a, ub = _block_deviation(row, lo, hi, bm, w, t, c1, c0)
+            D += np.float64(a)
+            U += np.float64(ub)
+            wsum_bm += np.float64(ub) * bm64 if ub != 0 else 0.0
+        if want_sum and bm64 != -np.inf:
+            if want_entropy:
+                ones, rest, h = _block_sumexp_entropy(row, lo, hi, bm, w)
+                h64 = np.float64(h)
+            else:
+                ones, rest = _block_sumexp(row, lo, hi, bm, w)
+                h64 = 0.0
+            s64 = np.float64(ones) + np.float64(rest)
+            if bm64 > M:
+                r = math.exp(M - bm64)
+                H = (H + S * (bm64 - M)) * r + h64
+                S = S * r + s64
+                M = bm64
+            else:
+                r = math.exp(bm64 - M)
+                H += (h64 + s64 * (M - bm64)) * r
+                S += s64 * r
+        elif bm64 > M:
+            M = bm64  # NaN / masked-only block: keep the max for the deviation terms
+        lo = hi
+    if want_dev and U != 0.0:
+        D += U * M - wsum_bm
+    return M, S, D, U, H
+
+
+@njit(**_JIT)
+def _transform_row(row, scratch, cap, kind):
+    """Softcap (logits) or log-clamp (probs) into the per-thread scratch row."""
+    if kind == KIND_PROBS:
+        tiny = tiny_of(scratch)
+        for j in range(row.shape[0]):
+            v = widen(row[j])
+            scratch[j] = math.log(v if v > tiny else tiny) if v == v else v
+    else:
+        for j in range(row.shape[0]):
+            scratch[j] = cap * math.tanh(widen(row[j]) / cap)
+
+
+@njit(**_JIT)
+def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse):
+    """(loss, lse used, M, S) of one counted row; z is the (transformed) row."""
+    C = z.shape[0]
+    soft = t.shape[0] != 0
+    c1 = 1.0 - eps
+    c0 = eps / C
+    want_dev = soft or eps != 0.0
+    M, S, D, U, _ = _row_reduce(z, w, t, c1, c0, want_lse, want_dev, False)
+    if not want_lse:
+        if not want_dev:
+            M = 0.0
+        elif M == -np.inf or M != M:
+            M = 0.0  # no max was needed; keep D's reference point finite
+    L = M + math.log(S) if want_lse else 0.0  # lse; 0 for log-prob / prob inputs
+    shift = L - M  # = log S for logits
+    if soft:
+        loss = D + U * shift
+    else:
+        zy = np.float64(widen(z[yi]))
+        loss = (1.0 - eps) * w[yi] * ((M - zy) + shift)
+        if eps != 0.0:
+            loss += c0 * (D + W * shift)
+    if zeta != 0.0:
+        loss += zeta * L * L
+    return loss, L, M, S
+
+
+@njit(**_JIT)
+def _row_grad(z, raw, out, w, t, yi, eps, zeta, kind, W, cap, L, M, S, scale, zscale):
+    """Write d loss / d x for one row. z: transformed row, raw: the input row.
+
+    p_j = exp(z_j - M) / S rather than exp(z_j - lse): z - M is exact, while lse rounded
+    to float32 would carry an absolute error of ulp(lse) into every p (1e-3 at lse=1e4).
+    """
+    C = z.shape[0]
+    soft = t.shape[0] != 0
+    c1 = 1.0 - eps
+    c0 = eps / C
+    zero = as_t(0.0, w)
+    se = as_t(scale * c0, w)
+    if soft:
+        sc1 = as_t(scale * c1, w)
+        sc0 = as_t(scale * c0, w)
+    else:
+        sc1 = zero
+        sc0 = zero
+    if kind == KIND_LOGITS:
+        zterm = zscale * 2.0 * zeta * L
+        if soft:
+            K64 = scale * W + zterm  # W holds Σ u = Σ_c w_c·t'_c here
+        else:
+            K64 = scale * (c1 * w[yi] + c0 * W) + zterm
+        invS = 1.0 / S
+        K = as_t(K64 * invS, w)  # folds 1/S into the one multiplier
+        Mt = as_t(M, w)
+        zy = np.float64(widen(z[yi])) if not soft else 0.0
+        if cap != 0.0:
+            icap = as_t(1.0 / cap, w)
+            one = as_t(1.0, w)
+            for j in range(C):
+                zj = widen(z[j])
+                c = zj * icap
+                g = K * vexp(zj - Mt) - (w[j] * (sc1 * t[j] + sc0) if soft else se * w[j])
+                narrow(out, j, g * (one - c * c))
+        elif soft:
+            for j in range(C):
+                narrow(out, j, K * vexp(widen(z[j]) - Mt) - w[j] * (sc1 * t[j] + sc0))
+        elif eps != 0.0:
+            for j in range(C):
+                narrow(out, j, K * vexp(widen(z[j]) - Mt) - se * w[j])
+        else:
+            for j in range(C):
+                narrow(out, j, K * vexp(widen(z[j]) - Mt))
+        if not soft:
+            # the target entry in float64: p_y - 1 = -(S - e_y)/S cancels badly in float32
+            e_y = math.exp(zy - M)
+            p_y = e_y * invS
+            wy = np.float64(w[yi])
+            gy = scale * c1 * wy * (-(S - e_y) * invS)
+            gy += (scale * c0 * W + zterm) * p_y - scale * c0 * wy
+            if cap != 0.0:
+                c = zy / cap
+                gy = gy * (1.0 - c * c)
+            narrow(out, yi, as_t(gy, w))
+    else:
+        # NLLLoss-style inputs: d/dlogp = -coef; probs add the chain rule 1/p (0 below tiny).
+        tiny = tiny_of(w)
+        for j in range(C):
+            coef = w[j] * (sc1 * t[j] + sc0) if soft else se * w[j]
+            if not soft and j == yi:
+                coef += as_t(scale * c1, w) * w[yi]
+            if kind == KIND_LOG_PROBS:
+                narrow(out, j, -coef)
+            else:
+                p = widen(raw[j])
+                narrow(out, j, -coef / p if p > tiny else zero)
+
+
+@njit(**_JIT)
+def _zero_row(out, w):
+    for j in range(out.shape[0]):
+        narrow(out, j, as_t(0.0, w))
+
+
+# -- parallel kernels over rows ------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _thread_span(b, nb, n):
+    return b * n // nb, (b + 1) * n // nb
+
+
+@njit(**_PAR)
+def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
+    """Per-row loss and lse. t is (rows x C) soft targets or (rows x 0) for class targets."""
+    n, C = x.shape
+    nb = max(1, min(nthreads, n))
+    scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
+    soft = t.shape[1] != 0
+    want_lse = kind == KIND_LOGITS
+    for b in prange(nb):
+        lo, hi = _thread_span(b, nb, n)
+        scratch = np.empty(scratch_len, dtype=w.dtype)
+        for i in range(lo, hi):
+            yi = 0 if soft else y[i]
+            if yi < 0:  # not counted: skipped entirely
+                loss[i] = 0.0
+                lse[i] = np.nan
+                continue
+            Wi = W
+            if soft:
+                Wi = 0.0  # unused: soft losses use Σ u from the row pass
+            if scratch_len:
+                _transform_row(x[i], scratch, cap, kind)
+                li, Li, _, _ = _row_loss(scratch, w, t[i], yi, eps, zeta, kind, Wi, want_lse)
+            else:
+                li, Li, _, _ = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, Wi, want_lse)
+            loss[i] = li
+            lse[i] = Li if want_lse else np.nan
+
+
+@njit(**_PAR)
+def forward_grad_kernel(
+    x, y, t, w, W, eps, zeta, cap, kind, nthreads, scale, zscale, loss, lse, out
+):
+    """forward_kernel, then the gradient of each row into out (which may alias x)."""
+    n, C = x.shape
+    nb = max(1, min(nthreads, n))
+    scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
+    soft = t.shape[1] != 0
+    want_lse = kind == KIND_LOGITS
+    for b in prange(nb):
+        lo, hi = _thread_span(b, nb, n)
+        scratch = np.empty(scratch_len, dtype=w.dtype)
+        for i in range(lo, hi):
+            yi = 0 if soft else y[i]
+            if yi < 0:
+                loss[i] = 0.0
+                lse[i] = np.nan
+                _zero_row(out[i], w)
+                continue
+            if scratch_len:
+                _transform_row(x[i], scratch, cap, kind)
+                li, Li, M, S = _row_loss(scratch, w, t[i], yi, eps, zeta, kind, W, want_lse)
+            else:
+                li, Li, M, S = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, W, want_lse)
+            Wg = W
+            if soft:
+                # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
+                Wg = _soft_total(w, t[i], 1.0 - eps, eps / C)
+            if scratch_len:
+                _row_grad(
+                    scratch,
+                    x[i],
+                    out[i],
+                    w,
+                    t[i],
+                    yi,
+                    eps,
+                    zeta,
+                    kind,
+                    Wg,
+                    cap,
+                    Li,
+                    M,
+                    S,
+                    scale[i],
+                    zscale[i],
+                )
+            else:
+                _row_grad(
+                    x[i],
+                    x[i],
+                    out[i],
+                    w,
+                    t[i],
+                    yi,
+                    eps,
+                    zeta,
+                    kind,
+                    Wg,
+                    cap,
+                    Li,
+                    M,
+                    S,
+                    scale[i],
+                    zscale[i],
+                )
+            loss[i] = li
+            lse[i] = Li if want_lse else np.nan
+
+
+@njit(**_JIT)
+def _soft_total(w, t, c1, c0):
+    total = 0.0
+    for j in range(w.shape[0]):
+        total += np.float64(w[j]) * (c1 * np.float64(t[j]) + c0)
+    return total
+
+
+@njit(**_JIT)
+def _row_stats(z, w, t, yi, eps, zeta, kind, W, out_i, loss, lse, tlogp, amax, maxp, ent, rank, kl):
+    C = z.shape[0]
+    soft = t.shape[0] != 0
+    counted = yi >= 0
+    ones = w[0:0]
+    if counted:
+        li, _, _, _ = _row_loss(z, w, t, yi, eps, zeta, kind, W, kind == KIND_LOGITS)
+    else:
+        li = 0.0
+    M, S, _, _, H = _row_reduce(z, w, ones, 1.0, 0.0, True, False, True)
+    L = M + math.log(S) if kind == KIND_LOGITS else 0.0
+    loss[out_i] = li
+    lse[out_i] = M + math.log(S)
+    r = math.exp(M - L)  # 1/S for logits
+    ent[out_i] = r * (H + S * (L - M))
+    maxp[out_i] = r
+    # first index of the max (NaN rows: first NaN, as torch.argmax)
+    am = 0
+    for j in range(C):
+        v = widen(z[j])
+        if v != v or v == M:
+            am = j
+            break
+    amax[out_i] = am
+    if soft:
+        # target class for rank/accuracy: argmax of the target distribution
+        best = t[0]
+        cls = 0
+        for j in range(1, C):
+            if t[j] > best:
+                best = t[j]
+                cls = j
+        _, _, Dt, Ut = _plain_deviation(z, t, M)
+        tlogp[out_i] = -(Dt + Ut * (L - M))
+        tlogt = 0.0
+        for j in range(C):
+            tj = np.float64(t[j])
+            if tj > 0.0:
+                tlogt += tj * math.log(tj)
+        kl[out_i] = tlogt - tlogp[out_i]
+    else:
+        cls = yi
+        if counted:
+            tlogp[out_i] = np.float64(widen(z[yi])) - L
+        else:
+            tlogp[out_i] = np.nan
+    if counted:
+        zt = widen(z[cls])
+        cnt = 0
+        for j in range(C):
+            cnt += 1 if widen(z[j]) > zt else 0
+        rank[out_i] = cnt
+    else:
+        rank[out_i] = -1
+
+
+@njit(**_JIT)
+def _plain_deviation(z, t, M):
+    """Σ t·(M - z) and Σ t (t = 0 terms add 0), in float64; for target_logprob of soft rows."""
+    D = 0.0
+    U = 0.0
+    for j in range(z.shape[0]):
+        tj = np.float64(t[j])
+        if tj != 0.0:
+            D += tj * (M - np.float64(widen(z[j])))
+        U += tj
+    return 0.0, 0.0, D, U
+
+
+@njit(**_PAR)
+def stats_kernel(
+    x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse, tlogp, amax, maxp, ent, rank, kl
+):
+    n, C = x.shape
+    nb = max(1, min(nthreads, n))
+    scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
+    soft = t.shape[1] != 0
+    for b in prange(nb):
+        lo, hi = _thread_span(b, nb, n)
+        scratch = np.empty(scratch_len, dtype=w.dtype)
+        for i in range(lo, hi):
+            yi = 0 if soft else y[i]
+            if scratch_len:
+                _transform_row(x[i], scratch, cap, kind)
+                _row_stats(
+                    scratch,
+                    w,
+                    t[i],
+                    yi,
+                    eps,
+                    zeta,
+                    kind,
+                    W,
+                    i,
+                    loss,
+                    lse,
+                    tlogp,
+                    amax,
+                    maxp,
+                    ent,
+                    rank,
+                    kl,
+                )
+            else:
+                _row_stats(
+                    x[i],
+                    w,
+                    t[i],
+                    yi,
+                    eps,
+                    zeta,
+                    kind,
+                    W,
+                    i,
+                    loss,
+                    lse,
+                    tlogp,
+                    amax,
+                    maxp,
+                    ent,
+                    rank,
+                    kl,
+                )
+
+
+# -- host side: Problem -> kernel arguments -------------------------------------------------
+
+
+def _kernel_view(a: np.ndarray, storage: int) -> np.ndarray:
+    """float16 as uint16 bits, bfloat16 as int16 bits: the type picks the decoder."""
+    if storage == STORAGE_F16_BITS:
+        return a.view(np.uint16)
+    if storage == STORAGE_BF16_BITS:
+        return a.view(np.int16)
+    return a
+
+
+def _args(p: Problem):
+    x = _kernel_view(p.x, p.storage)
+    n, c = x.shape
+    w = np.ascontiguousarray(p.w, dtype=p.compute)
+    if p.t is not None:
+        t = np.ascontiguousarray(p.t, dtype=p.compute)
+        y = np.zeros(0, dtype=np.int64)
+    else:
+        t = np.empty((n, 0), dtype=p.compute)
+        y = np.ascontiguousarray(p.y, dtype=np.int64)
+    W = float(np.sum(w, dtype=np.float64))
+    threads = numba.get_num_threads()
+    return x, y, t, w, W, float(p.eps), float(p.zeta), float(p.cap), int(p.kind), threads
+
+
+def _out_view(out: np.ndarray, p: Problem) -> np.ndarray:
+    if out.dtype == np.float16:
+        return out.view(np.uint16)
+    if out.dtype in (np.uint16, np.int16):
+        return _kernel_view(out, p.storage)  # in place over bf16/f16 bit buffers
+    return out
+
+
+def forward(p: Problem):
+    n = p.rows
+    loss = np.empty(n, dtype=p.compute)
+    lse = np.empty(n, dtype=p.compute)
+    if n:
+        forward_kernel(*_args(p), loss, lse)
+    return loss, lse
+
+
+def forward_grad(p: Problem, scale: np.ndarray, zscale: np.ndarray, out: np.ndarray):
+    n = p.rows
+    loss = np.empty(n, dtype=p.compute)
+    lse = np.empty(n, dtype=p.compute)
+    if n:
+        forward_grad_kernel(
+            *_args(p),
+            np.ascontiguousarray(scale, dtype=np.float64),
+            np.ascontiguousarray(zscale, dtype=np.float64),
+            loss,
+            lse,
+            _out_view(out, p),
+        )
+    return loss, lse
+
+
+def stats(p: Problem) -> dict:
+    n = p.rows
+    f = p.compute
+    res = {
+        "loss": np.empty(n, dtype=f),
+        "lse": np.empty(n, dtype=f),
+        "target_logprob": np.empty(n, dtype=f),
+        "argmax": np.empty(n, dtype=np.int64),
+        "max_prob": np.empty(n, dtype=f),
+        "entropy": np.empty(n, dtype=f),
+        "target_rank": np.empty(n, dtype=np.int64),
+        "kl": np.empty(n if p.soft else 0, dtype=f),
+    }
+    if n:
+        stats_kernel(*_args(p), *res.values())
+    if not p.soft:
+        del res["kl"]
+    return res
