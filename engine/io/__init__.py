@@ -1,5 +1,6 @@
 """Reading logit datasets (sources) and writing results (sinks)."""
 
+from engine.io.sinks import PartsWriter, Sink, grad_table, open_sink, score_table
 from engine.io.sources import (
     NULL_TARGET,
     Chunk,
@@ -15,7 +16,12 @@ __all__ = [
     "Chunk",
     "FileInfo",
     "Fragment",
+    "PartsWriter",
+    "Sink",
     "Source",
+    "grad_table",
     "open_fragment",
+    "open_sink",
     "open_source",
+    "score_table",
 ]

@@ -1,0 +1,340 @@
+"""Output writers: per-row scores and gradients as Parquet or Arrow IPC files.
+
+Outputs appear only complete (SPEC §4): a sink writes to a temporary name beside the
+target and renames it into place on `commit()`; `abort()` (or an exception, Ctrl-C
+included, inside a `with` block) removes the temporary file. An existing output is
+refused unless `overwrite=True`, before anything is written.
+
+`PartsWriter` is the directory form for resumable and distributed jobs: one file per
+part, written the same way, and a `manifest.json` that records finished parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+import pyarrow.parquet as pq
+
+from engine.errors import XentInputError
+
+ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
+SCORE_COLUMNS = (
+    ("loss", pa.float32()),
+    ("target_logprob", pa.float32()),
+    ("lse", pa.float32()),
+    ("argmax", pa.int32()),
+    ("max_prob", pa.float32()),
+    ("entropy", pa.float32()),
+    ("target_rank", pa.int32()),
+)
+GRAD_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def output_format(path: str) -> str:
+    """'arrow' for .arrow/.feather/.ipc, else 'parquet' (the default)."""
+    return "arrow" if str(path).lower().endswith(ARROW_SUFFIXES) else "parquet"
+
+
+def _temp_path(path: str) -> str:
+    # Same directory as the target, so that os.replace is an atomic rename on one file
+    # system; hidden (leading dot) so that directory scans skip it.
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_error(path: str, err: OSError) -> XentInputError:
+    return XentInputError(f"cannot write ({err.strerror or err})", file=path)
+
+
+class Sink:
+    """One output file written through a temporary name; use `open_sink`."""
+
+    def __init__(self, path: str, *, overwrite: bool = False, schema: pa.Schema | None = None):
+        self.path = os.fspath(path)
+        self.overwrite = overwrite
+        self.format = output_format(self.path)
+        self.schema = schema
+        self.rows = 0
+        self._writer = None
+        self._state = "open"
+        self._check_target()
+        self.temp_path = _temp_path(self.path)
+        try:
+            self._file = pa.OSFile(self.temp_path, "wb")
+        except OSError as e:  # missing or unwritable directory: say so before any work
+            raise _write_error(self.path, e) from None
+
+    def _check_target(self) -> None:
+        if os.path.isdir(self.path):
+            raise XentInputError("is a directory; give a file name for the output", file=self.path)
+        if os.path.exists(self.path) and not self.overwrite:
+            raise XentInputError("exists; pass --overwrite to replace it", file=self.path)
+
+    def _open_writer(self, schema: pa.Schema) -> None:
+        if self.format == "arrow":
+            self._writer = pa.ipc.new_file(self._file, schema)
+        else:
+            self._writer = pq.ParquetWriter(self._file, schema)
+        self.schema = schema
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        """Append rows; the first write fixes the schema."""
+        if self._state != "open":
+            raise RuntimeError(f"sink for {self.path} is {self._state}")
+        if self._writer is None:
+            self._open_writer(data.schema)
+        try:
+            if isinstance(data, pa.RecordBatch):
+                self._writer.write_batch(data)
+            else:
+                self._writer.write_table(data)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+        self.rows += data.num_rows
+
+    def commit(self) -> str:
+        """Finish the file and rename it into place; returns the output path."""
+        if self._state != "open":
+            raise RuntimeError(f"sink for {self.path} is {self._state}")
+        try:
+            if self._writer is None:  # nothing written: still a valid (empty) file
+                self._open_writer(self.schema if self.schema is not None else pa.schema([]))
+            self._writer.close()
+            self._file.close()
+            # Someone may have created the output while we worked: still never clobber.
+            self._check_target()
+            os.replace(self.temp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written; the target is left as it was."""
+        if self._state == "committed":
+            return
+        self._state = "aborted"
+        for close in (getattr(self._writer, "close", None), self._file.close):
+            try:
+                if close is not None:
+                    close()
+            except Exception:
+                pass
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+        else:  # any exception, KeyboardInterrupt included: leave no partial output
+            self.abort()
+        return False
+
+    def __del__(self):
+        # A sink dropped without commit (a crash between chunks) must not leave a file.
+        if getattr(self, "_state", None) == "open" and hasattr(self, "_file"):
+            self.abort()
+
+
+def open_sink(path, *, overwrite: bool = False, schema: pa.Schema | None = None) -> Sink:
+    """A Sink for `path`: Parquet unless the suffix is .arrow/.feather/.ipc.
+
+    `schema` is only used when nothing is written (an empty output keeps its columns).
+    """
+    return Sink(path, overwrite=overwrite, schema=schema)
+
+
+# --------------------------------------------------------------------------------------
+# Output tables
+# --------------------------------------------------------------------------------------
+
+
+def _with_keep(columns: list[tuple[str, pa.Array]], keep: pa.Table | None) -> pa.Table:
+    names = [n for n, _ in columns]
+    arrays = [a for _, a in columns]
+    if keep is not None:
+        rows = len(arrays[0]) if arrays else keep.num_rows
+        if keep.num_rows != rows:
+            raise ValueError(f"keep has {keep.num_rows} rows, output has {rows}")
+        for name in keep.column_names:
+            if name in names:
+                raise XentInputError(
+                    f"--keep column '{name}' has the name of an output column; rename it"
+                )
+            names.append(name)
+            arrays.append(keep.column(name))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def score_table(stats: Mapping[str, np.ndarray], keep: pa.Table | None, soft: bool) -> pa.Table:
+    """The `score` output: SPEC §4 columns as float32/int32 (plus kl for soft targets),
+    then the keep columns."""
+    specs = list(SCORE_COLUMNS) + ([("kl", pa.float32())] if soft else [])
+    columns = []
+    for name, typ in specs:
+        values = np.asarray(stats[name], dtype=typ.to_pandas_dtype())
+        columns.append((name, pa.array(values, type=typ)))
+    return _with_keep(columns, keep)
+
+
+def grad_column(grad: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    """rows x C gradient as fixed_size_list<dtype>; no copy when already that dtype and
+    C-contiguous (the Arrow array then references `grad`: write it before reusing it)."""
+    if dtype not in GRAD_DTYPES:
+        raise ValueError(f"grad dtype must be float32 or float16, got {dtype!r}")
+    grad = np.asarray(grad)
+    if grad.ndim != 2:
+        raise ValueError(f"grad must be 2-D (rows x classes), got shape {grad.shape}")
+    rows, classes = grad.shape
+    flat = np.ascontiguousarray(grad, dtype=GRAD_DTYPES[dtype]).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), classes)
+
+
+def grad_table(grad: np.ndarray, keep: pa.Table | None = None, dtype: str = "float32") -> pa.Table:
+    """The `grad` output: column `grad` (fixed_size_list<float32|float16>) + keep columns."""
+    return _with_keep([("grad", grad_column(grad, dtype))], keep)
+
+
+# --------------------------------------------------------------------------------------
+# Directory of parts
+# --------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_part_file(path: str, table: pa.Table) -> None:
+    """Write one part through a temporary name: a retried part replaces, never doubles."""
+    sink = Sink(path, overwrite=True)
+    with sink:
+        sink.write(table)
+
+
+class PartsWriter:
+    """Output directory of `part-00000.parquet` files plus `manifest.json`.
+
+    The manifest lists finished parts (file, rows, first_row) and is rewritten
+    atomically after each one, so `completed()` after a crash tells `--resume` what is
+    done. `resume=True` opens an existing output directory to continue it;
+    `overwrite=True` first deletes the parts and manifest found there (nothing else).
+    """
+
+    def __init__(
+        self,
+        directory,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        suffix: str = ".parquet",
+    ):
+        self.directory = os.fspath(directory)
+        self.suffix = suffix
+        self._lock = threading.Lock()
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise XentInputError("exists and is not a directory", file=self.directory)
+        existing = os.path.isdir(self.directory) and any(
+            n == MANIFEST or n.startswith("part-") for n in os.listdir(self.directory)
+        )
+        if existing and not (overwrite or resume):
+            raise XentInputError(
+                "exists; pass --overwrite to replace it or --resume to continue it",
+                file=self.directory,
+            )
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise _write_error(self.directory, e) from None
+        if existing and overwrite and not resume:
+            for name in os.listdir(self.directory):
+                if name == MANIFEST or name.startswith("part-"):
+                    os.unlink(os.path.join(self.directory, name))
+        self.manifest = self._load() if resume else None
+        if self.manifest is None:
+            self.manifest = {"format": "xent-parts", "version": 1, "complete": False}
+            self.manifest.update({"total_rows": None, "parts": {}})
+        if not os.access(self.directory, os.W_OK):
+            raise XentInputError("cannot write (permission denied)", file=self.directory)
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.directory, MANIFEST)
+
+    def _load(self) -> dict | None:
+        try:
+            with open(self.manifest_path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise XentInputError(f"unreadable manifest ({e})", file=self.manifest_path) from None
+        if data.get("format") != "xent-parts" or not isinstance(data.get("parts"), dict):
+            raise XentInputError("not an xent manifest", file=self.manifest_path)
+        return data
+
+    def part_path(self, index: int) -> str:
+        return os.path.join(self.directory, f"part-{int(index):05d}{self.suffix}")
+
+    def write_part(self, index: int, table: pa.Table, *, first_row: int | None = None) -> str:
+        """Write part `index` (temp + rename) and record it in the manifest."""
+        path = self.part_path(index)
+        write_part_file(path, table)
+        self.record(index, table.num_rows, first_row)
+        return path
+
+    def record(self, index: int, rows: int, first_row: int | None = None) -> None:
+        """Record a part written elsewhere (a Dask worker) as finished."""
+        with self._lock:
+            self.manifest["parts"][str(int(index))] = {
+                "file": os.path.basename(self.part_path(index)),
+                "rows": int(rows),
+                "first_row": None if first_row is None else int(first_row),
+            }
+            self._save()
+
+    def completed(self) -> dict[int, int]:
+        """index -> rows of the parts the manifest lists whose file is present."""
+        return {
+            int(k): int(v["rows"])
+            for k, v in self.manifest["parts"].items()
+            if os.path.exists(os.path.join(self.directory, v["file"]))
+        }
+
+    def finalize(self, total_rows: int) -> None:
+        """Mark the output complete."""
+        with self._lock:
+            self.manifest["complete"] = True
+            self.manifest["total_rows"] = int(total_rows)
+            self._save()
+
+    def _save(self) -> None:
+        parts = self.manifest["parts"]
+        self.manifest["parts"] = {k: parts[k] for k in sorted(parts, key=int)}
+        _write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1) + "\n")
