@@ -30,8 +30,8 @@ def _prepare(logits, target, opts: LossOptions):
         cap_grad = 1.0 - th * th
     with np.errstate(all="ignore"):
         if opts.input_kind == "logits":
+            # no sanitising of the max: +inf, NaN and all -inf rows give NaN, as in torch
             m = np.max(x, axis=1, keepdims=True) if c else np.zeros((n, 1))
-            m = np.where(np.isfinite(m), m, 0.0)
             lse = (m + np.log(np.sum(np.exp(x - m), axis=1, keepdims=True)))[:, 0]
             logp = x - lse[:, None]
         elif opts.input_kind == "log_probs":

@@ -43,8 +43,8 @@ from engine.options import KIND_LOG_PROBS, KIND_LOGITS, KIND_PROBS
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 BLOCK = 4096  # elements per block: 16 KiB of float32, stays in L1 between the two reads
 
-_JIT = dict(fastmath=FASTMATH, cache=True, nogil=True)
-_PAR = dict(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+_JIT = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+_PAR = dict(fastmath=FASTMATH, cache=True, nogil=True, parallel=True, error_model="numpy")
 
 # -- type-dispatched scalar helpers (resolved at compile time by argument type) ----------
 
@@ -53,7 +53,7 @@ def widen(v):  # pragma: no cover - replaced by the overload in jitted code
     raise NotImplementedError
 
 
-@overload(widen, inline="always")
+@overload(widen)
 def _widen(v):
     if v == types.uint16:
         return lambda v: f16_bits_to_f32(v)
@@ -68,7 +68,7 @@ def narrow(arr, j, value):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(narrow, inline="always")
+@overload(narrow)
 def _narrow(arr, j, value):
     dt = arr.dtype
     if dt == types.uint16:
@@ -94,7 +94,7 @@ def vexp(v):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(vexp, inline="always")
+@overload(vexp)
 def _vexp(v):
     if v == types.float32:
         return lambda v: exp_f32(v)
@@ -105,7 +105,7 @@ def as_t(value, like):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(as_t, inline="always")
+@overload(as_t)
 def _as_t(value, like):
     """Cast a scalar to the compute dtype, given an array of that dtype."""
     if like.dtype == types.float32:
@@ -117,7 +117,7 @@ def tiny_of(like):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(tiny_of, inline="always")
+@overload(tiny_of)
 def _tiny_of(like):
     if like.dtype == types.float32:
         return lambda like: np.float32(1.1754943508222875e-38)
@@ -275,7 +275,11 @@ def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy):
                 ones, rest = _block_sumexp(row, lo, hi, bm, w)
                 h64 = 0.0
             s64 = np.float64(ones) + np.float64(rest)
-            if bm64 > M:
+            if M == -np.inf:  # first block with a finite max
+                H = h64
+                S = s64
+                M = bm64
+            elif bm64 > M:
                 r = math.exp(M - bm64)
                 H = (H + S * (bm64 - M)) * r + h64
                 S = S * r + s64

@@ -1,0 +1,367 @@
+"""CPU kernels against the float64 reference and torch (float64 autograd).
+
+Tolerances are SPEC §2's: float32 loss within 2e-6 relative of float64, gradient within
+1e-6·max|g| absolute. The reference sees the same (rounded) inputs as the kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+import engine.reference as R
+from engine import dtypes
+from tests.oracles import torch_loss_and_grad
+
+LOSS_RTOL = {np.float64: 1e-11, np.float32: 2e-6, np.float16: 2e-6}
+
+
+def _inputs(rng, rows, classes, dtype=np.float32, scale=3.0, ignore_frac=0.0, ignore_index=-100):
+    x = (rng.standard_normal((rows, classes)) * scale).astype(dtype)
+    y = rng.integers(0, classes, rows)
+    if ignore_frac:
+        y[rng.random(rows) < ignore_frac] = ignore_index
+    return x, y
+
+
+def check(x, target, *, loss_rtol=2e-6, grad_tol=1e-6, torch_oracle=True, grad_output=1.0, **opts):
+    """Engine vs reference (and torch) for loss and gradient; returns the engine's outputs."""
+    loss = engine.cross_entropy(x, target, **opts)
+    loss_g, grad = engine.cross_entropy_grad(x, target, grad_output=grad_output, **opts)
+    ref_loss, ref_grad = R.cross_entropy_grad(x, target, grad_output=grad_output, **opts)
+    _close(loss, ref_loss, loss_rtol)
+    _close(loss_g, ref_loss, loss_rtol)
+    _grad_close(grad, ref_grad, grad_tol)
+    if torch_oracle:
+        t_loss, t_grad = torch_loss_and_grad(x, target, grad_output=grad_output, **opts)
+        _close(ref_loss, t_loss, 1e-10)
+        _grad_close(ref_grad, t_grad, 1e-10)
+    return loss, grad
+
+
+def _close(a, b, rtol):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    same_special = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+    finite = ~same_special
+    assert not np.any(np.isnan(a[finite]) | np.isnan(b[finite])), (a, b)
+    np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=rtol * 1e-3)
+
+
+def _grad_close(a, b, tol):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    both_nan = np.isnan(a) & np.isnan(b)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    if a.size == 0 or both_nan.all():
+        return
+    scale = max(np.nanmax(np.abs(b)), 1e-300)
+    err = np.nanmax(np.abs(np.where(both_nan, 0.0, a - b)))
+    assert err <= tol * scale, f"grad error {err:.3g} > {tol:g}·max|g| = {tol * scale:.3g}"
+
+
+# -- shapes -------------------------------------------------------------------------------
+
+SHAPES = [
+    (rows, c)
+    for c in (1, 3, 7, 1000, 32003, 128256)
+    for rows in (1, 3, 423, 1000)
+    if rows * c <= 4_300_000
+]
+
+
+@pytest.mark.parametrize("rows,classes", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_shapes_float32(rng, rows, classes, reduction):
+    x, y = _inputs(rng, rows, classes, ignore_frac=0.3)
+    check(x, y, reduction=reduction, torch_oracle=rows * classes <= 500_000)
+
+
+@pytest.mark.parametrize("classes", [7, 1000, 32003])
+def test_float64_matches_reference_tightly(rng, classes):
+    x, y = _inputs(rng, 37, classes, dtype=np.float64, ignore_frac=0.3)
+    check(x, y, loss_rtol=1e-11, grad_tol=1e-12, label_smoothing=0.1, weight=rng.random(classes))
+
+
+# -- every option --------------------------------------------------------------------------
+
+OPTION_SETS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"weight": "random"},
+    {"weight": "random", "label_smoothing": 0.1},
+    {"ignore_index": 2},
+    {"ignore_index": 2, "weight": "random", "label_smoothing": 0.1},
+    {"z_loss": 1e-4},
+    {"softcap": 30.0},
+    {"softcap": 30.0, "z_loss": 1e-4, "label_smoothing": 0.1, "weight": "random"},
+]
+
+
+def _materialise(opts, rng, classes):
+    opts = dict(opts)
+    if opts.get("weight") == "random":
+        opts["weight"] = rng.random(classes) + 0.1
+    return opts
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("rows,classes", [(423, 1000), (3, 32003), (5, 3)])
+def test_options(rng, opts, reduction, ignore_frac, rows, classes):
+    opts = _materialise(opts, rng, classes)
+    x, y = _inputs(
+        rng, rows, classes, ignore_frac=ignore_frac, ignore_index=opts.get("ignore_index", -100)
+    )
+    if "ignore_index" in opts:
+        y[: rows // 2] = opts["ignore_index"]  # the ignored class is also a valid class
+    loss, grad = check(x, y, reduction=reduction, **opts)
+    if ignore_frac == 1.0 and "ignore_index" not in opts:
+        if reduction == "mean":
+            assert np.isnan(loss)
+        assert not grad.any()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("classes", [1, 7, 1000])
+def test_probability_targets(rng, smoothing, weighted, reduction, classes):
+    x, _ = _inputs(rng, 50, classes)
+    t = rng.random((50, classes))
+    t[:, : classes // 2] = 0.0  # zeros: 0·log p must count as 0
+    t /= np.maximum(t.sum(1, keepdims=True), 1e-12)
+    if classes == 1:
+        t[:] = 1.0
+    weight = rng.random(classes) + 0.1 if weighted else None
+    check(x, t, reduction=reduction, label_smoothing=smoothing, weight=weight)
+    if classes > 1:  # with one class the exact gradient is the z-term alone (~1e-5)
+        check(x, t, reduction=reduction, label_smoothing=smoothing, weight=weight, z_loss=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["log_probs", "probs"])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "weight": "random"}])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_input_kinds(rng, kind, opts, reduction):
+    opts = _materialise(opts, rng, 100)
+    x, y = _inputs(rng, 60, 100, ignore_frac=0.2)
+    x64 = x.astype(np.float64)
+    logp = x64 - np.log(np.exp(x64).sum(1, keepdims=True))
+    data = (logp if kind == "log_probs" else np.exp(logp)).astype(np.float32)
+    check(data, y, input_kind=kind, reduction=reduction, **opts)
+
+
+def test_probs_input_equals_logits_input(rng):
+    """The seeds' question: softmax outputs fed as probs give the same loss as the logits."""
+    x, y = _inputs(rng, 40, 10, dtype=np.float64)
+    p = np.exp(x - np.log(np.exp(x).sum(1, keepdims=True)))
+    a = engine.cross_entropy(x, y)
+    b = engine.cross_entropy(p, y, input_kind="probs")
+    c = engine.cross_entropy(np.log(p), y, input_kind="log_probs")
+    assert a == pytest.approx(b, rel=1e-12) and a == pytest.approx(c, rel=1e-12)
+
+
+# -- dtypes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [3, 1000, 32003])
+def test_float16_input(rng, classes):
+    x, y = _inputs(rng, 64, classes, dtype=np.float16, ignore_frac=0.2)
+    loss, grad = check(x, y, label_smoothing=0.1)
+    assert grad.dtype == np.float32
+    # PyTorch's own float16 path overflows at large logits; ours computes in float32.
+    big = (x.astype(np.float32) * 1000).clip(-60000, 60000).astype(np.float16)
+    assert np.isfinite(engine.cross_entropy(big, y))
+
+
+@pytest.mark.parametrize("classes", [7, 1000, 32003])
+def test_bfloat16_bits(rng, classes):
+    x, y = _inputs(rng, 64, classes, ignore_frac=0.2)
+    bits = dtypes.float32_to_bf16_bits(x)
+    loss, grad = check(bits, y, logits_dtype="bfloat16", z_loss=1e-4)
+    exact = engine.cross_entropy(dtypes.bf16_bits_to_float32(bits), y, z_loss=1e-4)
+    assert loss == pytest.approx(exact, rel=1e-6)
+
+
+def test_uint16_without_bf16_marker_is_an_error():
+    with pytest.raises(TypeError, match="bfloat16"):
+        engine.cross_entropy(np.zeros((2, 3), np.uint16), np.array([0, 1]))
+
+
+# -- special values ---------------------------------------------------------------------------
+
+
+def test_large_logits(rng):
+    x, y = _inputs(rng, 100, 1000, scale=1e4)
+    check(x, y, reduction="none")
+    check(x, y, label_smoothing=0.1)
+
+
+def test_confident_rows_keep_relative_accuracy():
+    x = np.zeros((4, 50), np.float32)
+    x[:, 0] = [10, 15, 20, 30]
+    y = np.zeros(4, np.int64)
+    check(x, y, reduction="none")
+
+
+def test_masked_classes_and_inf_target(rng):
+    x, y = _inputs(rng, 20, 300)
+    x[:, ::3] = -np.inf
+    y = np.where(y % 3 == 0, y + 1, y)  # targets on unmasked classes
+    check(x, y, reduction="none")
+    y2 = y.copy()
+    y2[4] = 0  # a masked class as target: loss inf for that row only
+    loss = engine.cross_entropy(x, y2, reduction="none")
+    assert np.isinf(loss[4]) and np.isfinite(np.delete(loss, 4)).all()
+    check(x, y2, reduction="none")
+
+
+def test_nan_row_is_nan_only_for_that_row(rng):
+    x, y = _inputs(rng, 10, 100)
+    x[3, 17] = np.nan
+    x[6, 5] = np.inf
+    loss, grad = check(x, y, reduction="none")
+    assert np.isnan(loss[3]) and np.isnan(loss[6])
+    assert np.isfinite(np.delete(loss, [3, 6])).all()
+    assert np.isnan(grad[3]).all() and np.isfinite(np.delete(grad, [3, 6], axis=0)).all()
+
+
+def test_all_masked_row_is_nan_like_torch():
+    x = np.full((2, 5), -np.inf, np.float32)
+    x[1] = 0
+    check(x, np.array([0, 0]), reduction="none")
+
+
+# -- layouts, in place, grad_output ------------------------------------------------------------
+
+
+def test_non_contiguous_inputs(rng):
+    x, y = _inputs(rng, 200, 301)
+    fortran = np.asfortranarray(x)
+    strided = np.asarray(rng.standard_normal((200, 602)), dtype=np.float32)[:, ::2]
+    for arr in (fortran, strided, x[::2]):
+        yy = y[: arr.shape[0]]
+        check(arr, yy, label_smoothing=0.1, torch_oracle=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_in_place_gradient(rng, dtype):
+    x, y = _inputs(rng, 50, 999, dtype=dtype, ignore_frac=0.2)
+    ref_loss, ref_grad = R.cross_entropy_grad(x, y, label_smoothing=0.1)
+    buf = x.copy()
+    loss, grad = engine.cross_entropy_grad(buf, y, label_smoothing=0.1, out=buf)
+    assert grad is buf
+    _close(loss, ref_loss, 2e-6)
+    tol = 1e-3 if dtype == np.float16 else 1e-6  # the output itself is rounded to float16
+    _grad_close(buf, ref_grad, tol)
+
+
+def test_in_place_bf16(rng):
+    x, y = _inputs(rng, 20, 100)
+    bits = dtypes.float32_to_bf16_bits(x)
+    ref_loss, ref_grad = R.cross_entropy_grad(bits, y, logits_dtype="bfloat16")
+    loss, grad = engine.cross_entropy_grad(bits, y, logits_dtype="bfloat16", out=bits)
+    _grad_close(dtypes.bf16_bits_to_float32(bits), ref_grad, 1e-2)
+
+
+def test_vector_grad_output(rng):
+    x, y = _inputs(rng, 30, 50, ignore_frac=0.2)
+    g = rng.standard_normal(30)
+    check(x, y, reduction="none", grad_output=g, z_loss=1e-4)
+    with pytest.raises(ValueError):
+        engine.cross_entropy_grad(x, y, reduction="mean", grad_output=g)
+
+
+# -- row stats ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts", [{}, {"label_smoothing": 0.1, "weight": "random"}, {"softcap": 30.0}]
+)
+@pytest.mark.parametrize("classes", [1, 7, 5000])
+def test_row_stats(rng, opts, classes):
+    opts = _materialise(opts, rng, classes)
+    x, y = _inputs(rng, 40, classes, ignore_frac=0.25)
+    x[5, :] = x[5, 0]  # ties: argmax is the first
+    got = engine.row_stats(x, y, **opts).as_dict()
+    ref = R.row_stats(x, y, **opts)
+    assert set(got) == set(ref)
+    for key in ("loss", "lse", "target_logprob", "max_prob", "entropy"):
+        _close(got[key], ref[key], 3e-6 if key != "entropy" else 2e-5)
+    np.testing.assert_array_equal(got["argmax"], ref["argmax"])
+    np.testing.assert_array_equal(got["target_rank"], ref["target_rank"])
+    ignored = y == -100
+    assert np.isnan(got["target_logprob"][ignored]).all()
+    assert (got["target_rank"][ignored] == -1).all() and (got["loss"][ignored] == 0).all()
+
+
+def test_row_stats_soft_targets_have_kl(rng):
+    x, _ = _inputs(rng, 30, 20)
+    t = rng.random((30, 20))
+    t[:, :5] = 0
+    t /= t.sum(1, keepdims=True)
+    got = engine.row_stats(x, t).as_dict()
+    ref = R.row_stats(x, t)
+    for key in ("loss", "kl", "target_logprob", "entropy"):
+        _close(got[key], ref[key], 2e-5)
+    np.testing.assert_array_equal(got["target_rank"], ref["target_rank"])
+
+
+@pytest.mark.parametrize("kind", ["log_probs", "probs"])
+def test_row_stats_input_kinds(rng, kind):
+    x, y = _inputs(rng, 30, 40)
+    logp = x - np.log(np.exp(x.astype(np.float64)).sum(1, keepdims=True))
+    data = (logp if kind == "log_probs" else np.exp(logp)).astype(np.float32)
+    got = engine.row_stats(data, y, input_kind=kind).as_dict()
+    ref = R.row_stats(data, y, input_kind=kind)
+    for key in ("loss", "target_logprob", "entropy", "max_prob"):
+        _close(got[key], ref[key], 2e-5)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def test_validation_messages(rng):
+    x, y = _inputs(rng, 4, 3)
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        engine.cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+        engine.cross_entropy(x, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="weight tensor should be defined either for all 3"):
+        engine.cross_entropy(x, y, weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"Expected input batch_size \(4\) to match"):
+        engine.cross_entropy(x, y[:2])
+    with pytest.raises(IndexError, match=r"Target 3 is out of bounds \(row 1\)"):
+        engine.cross_entropy(x, np.array([0, 3, 1, 1]))
+    with pytest.raises(ValueError, match="input_kind='logits'"):
+        engine.cross_entropy(x, y, input_kind="probs", z_loss=1e-3)
+
+
+def test_empty_input():
+    x = np.zeros((0, 5), np.float32)
+    y = np.zeros(0, np.int64)
+    assert np.isnan(engine.cross_entropy(x, y))
+    assert engine.cross_entropy(x, y, reduction="sum") == 0.0
+    assert engine.cross_entropy(x, y, reduction="none").shape == (0,)
+    loss, grad = engine.cross_entropy_grad(x, y)
+    assert grad.shape == (0, 5)
+
+
+# -- the seeds' worked examples ------------------------------------------------------------------
+
+
+def test_seed_examples():
+    assert engine.cross_entropy(np.array([[0, 0, 0, 1]], np.float32), np.array([3])) == (
+        pytest.approx(0.7437, abs=1e-4)
+    )
+    x = np.array([[0.3367, 0.1288, 0.2345, 0.2303, -1.1229]], np.float32)
+    assert engine.cross_entropy(x, np.array([0])) == pytest.approx(1.3472, abs=1e-4)
+    x = np.array([[3.0, 1.0, -3.0]])
+    assert engine.cross_entropy(x, np.array([1])) == pytest.approx(2.1291, abs=1e-4)
+    stats = engine.row_stats(x, np.array([1]))
+    assert stats.max_prob[0] == pytest.approx(0.8789, abs=1e-4)
+    assert np.exp(stats.target_logprob[0]) == pytest.approx(0.1189, abs=1e-4)

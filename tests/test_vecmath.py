@@ -1,0 +1,86 @@
+"""The vectorisable math, tested under the exact fast-math flags the kernels compile with."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from engine.kernels._vecmath import exp_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+from engine.kernels.cpu import FASTMATH
+
+
+@njit(fastmath=FASTMATH)
+def _map_exp(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp_f32(x[i])
+
+
+@njit(fastmath=FASTMATH)
+def _sum_exp(x):
+    s = np.float32(0.0)
+    for i in range(x.shape[0]):
+        s += exp_f32(x[i])
+    return s
+
+
+def test_exp_is_accurate_to_a_few_ulp():
+    x = np.linspace(-87.3, 87.9, 1_000_001).astype(np.float32)
+    out = np.empty_like(x)
+    _map_exp(x, out)
+    ref = np.exp(x.astype(np.float64))
+    ulps = np.abs(out - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 5.0
+    near = np.abs(x) < 20  # where the kernels live: exp(z - max) of realistic rows
+    assert ulps[near].max() <= 1.5
+
+
+def test_exp_special_values():
+    x = np.array([-np.inf, np.nan, 0.0, -0.0, -88.5, -1000.0, 89.0, np.inf], np.float32)
+    out = np.empty_like(x)
+    _map_exp(x, out)
+    assert out[0] == 0.0 and np.isnan(out[1]) and out[2] == 1.0 and out[3] == 1.0
+    assert out[4] == 0.0 and out[5] == 0.0  # flushed below the normal range
+    assert np.isinf(out[6]) and np.isinf(out[7])
+
+
+def test_exp_sum_survives_reassoc():
+    x = np.random.default_rng(0).standard_normal(100_003).astype(np.float32) - 3
+    assert (
+        _sum_exp(x) == np.float32(np.exp(x.astype(np.float64)).sum())
+        or abs(_sum_exp(x) / np.exp(x.astype(np.float64)).sum() - 1) < 1e-6
+    )
+
+
+@njit
+def _widen_all(h, out):
+    for i in range(h.shape[0]):
+        out[i] = f16_bits_to_f32(h[i])
+
+
+@njit
+def _narrow_all(x, out, bf):
+    for i in range(x.shape[0]):
+        out[i] = f32_to_bf16_bits(x[i]) if bf else f32_to_f16_bits(x[i])
+
+
+def test_float16_round_trips_every_bit_pattern():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(65536, np.float32)
+    _widen_all(bits, out)
+    ref = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(out[~nan], ref[~nan]) and np.isnan(out[nan]).all()
+
+
+def test_float32_to_float16_and_bfloat16_round_to_nearest_even():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000)).astype(np.float32)
+    x = np.concatenate([x, np.array([np.inf, -np.inf, 65504, 65520, 7e4, 6e-8, 1e-9], np.float32)])
+    out = np.empty(x.shape, np.uint16)
+    _narrow_all(x, out, False)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out, x.astype(np.float16).view(np.uint16))
+    from engine.dtypes import float32_to_bf16_bits
+
+    _narrow_all(x, out, True)
+    assert np.array_equal(out, float32_to_bf16_bits(x))
