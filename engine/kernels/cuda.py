@@ -1,0 +1,879 @@
+"""Numba CUDA twins of the row kernels, and the host driver that streams a Problem through them.
+
+Three layers (stumpy's habit): plain ``@cuda.jit`` kernels, a host driver that moves data and
+launches (:func:`forward`, :func:`forward_grad`, :func:`stats`, the contract of
+``engine/kernels/__init__.py``), and the public API elsewhere that validates.
+
+Launch configuration
+--------------------
+``T`` threads cooperate on one row; lane ``l`` reads classes ``l, l+T, l+2T, ...`` so a warp's
+32 loads of one step are 32 consecutive elements (coalesced, 64/128/256-byte transactions).
+
+- small C (``C <= LaunchConfig.warp_max_classes``, 1024): a warp per row (``T = 32``),
+  ``rows_per_block`` (8) rows per 256-thread block, grid = ceil(rows / 8). Reductions are
+  five ``shfl_xor`` steps, no shared memory and no block barrier.
+- large C: one block per row, ``T`` = 128..1024 threads (at least ~16 classes per thread),
+  grid = rows. Reductions: ``shfl_xor`` butterfly inside each warp, then one shared-memory
+  slot per warp and a barrier; every thread folds the (at most 32) warp partials in the same
+  order, so every thread of the row holds bit-identical row results (pass 2 needs them).
+
+Pass 1 is one read of the row with an *online* max/sum per thread (Milakov & Gimelshein):
+``m`` the running max, ``s = Σ exp(u - m)`` rescaled when ``m`` grows, plus the linear sums
+the loss needs (``a = Σ c_j (u_j - m)``, ``b = Σ c_j`` for smoothing / soft targets), kept
+relative to ``m`` so that ``Σ c_j (lse - u_j) = b·log(s) - a`` has no cancellation. The
+thread partials are aligned on the row max, then summed. Pass 2 (gradient only) re-reads the
+row and writes ``d loss / d x`` reusing the row's lse: no second reduction. 2-D indexing
+``x[r, j]`` is computed in 64-bit (Numba's intp), so rows × classes may exceed 2**31.
+
+Memory traffic per row (s = logit bytes: 2 for float16/bfloat16, 4 float32, 8 float64;
+F = compute bytes, 4 or 8):
+
+=============  ====================================  ==========================
+kernel         reads                                 writes
+=============  ====================================  ==========================
+forward        C·s + 8 (target) [+ C·F soft targets]  2·F (loss, lse)
+forward_grad   2·C·s (pass 2 mostly hits L2) + 8      C·F (gradient) + 2·F
+stats          C·s [+ 2·C·F soft targets] + 8         6·F + 2·8
+=============  ====================================  ==========================
+
+Expected on an H100 (3.35 TB/s HBM3 peak; quack sustains ~3 TB/s above 4k classes, these
+kernels have the same shape): forward over float32 logits with C = 32768 moves 128 KiB per
+row, about 23 M rows/s at 3 TB/s (46 M rows/s for bfloat16); forward_grad moves
+C·(s + F) from HBM when pass 2 hits L2, about 11 M rows/s for float32. Small C (< 1k) is
+latency- rather than bandwidth-bound. These are estimates from the byte count, not
+measurements; ``bench/`` measures.
+
+The host driver moves NumPy arrays over PCIe (~25-50 GB/s), an order of magnitude below
+HBM: end to end, a host-resident Problem is transfer-bound. The driver therefore splits
+the rows into chunks (device memory bounded by ``LaunchConfig.chunk_bytes`` per slot), keeps
+two pinned host staging slots and two streams, and enqueues chunk k+1's host→device copy
+while chunk k's kernel runs; only per-row results (and the gradient when asked) come back.
+Gradients are computed and copied back in the compute dtype and narrowed on the host for
+float16/bfloat16 ``out`` buffers.
+
+Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernels run as Python threads.
+The simulator has no warp shuffles: there each warp reduction gathers the 32 lane values
+through the block (one barrier) and replays the same xor butterfly, so results have the bits
+the shuffles give. This is valid because every kernel keeps block-uniform control flow
+around its reductions (padding rows of the last block take part with no data and return
+only after the last barrier).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import dtypes
+from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, STORAGE_NATIVE, Problem
+
+NO_CUDA_MESSAGE = "CUDA requested but no CUDA device/driver was found"
+
+__all__ = [
+    "LaunchConfig",
+    "NO_CUDA_MESSAGE",
+    "forward",
+    "forward_grad",
+    "is_available",
+    "launch_shape",
+    "release_buffers",
+    "simulated",
+    "stats",
+]
+
+
+@dataclass
+class LaunchConfig:
+    """Tunables of the launch shape and of the host pipeline."""
+
+    warp_max_classes: int = 1024  # C at or below this: a warp per row
+    rows_per_block: int = 8  # warps (rows) per block in the warp-per-row shape
+    max_block_threads: int = 1024  # threads per row in the block-per-row shape
+    chunk_bytes: int = 128 << 20  # device bytes per pipeline slot (two slots)
+
+
+# Python threads are expensive in the simulator: smaller blocks, same code paths.
+_SIM_LAUNCH = LaunchConfig(rows_per_block=2, max_block_threads=64, chunk_bytes=64 << 20)
+_GPU_LAUNCH = LaunchConfig()
+
+# Set this (tests, benchmarks) to override the platform default.
+LAUNCH: LaunchConfig | None = None
+
+# numba.cuda, bound on first use: importing it costs ~0.5 s and must not happen on import.
+cuda = None
+_BUILD_LOCK = threading.Lock()
+_RUN_LOCK = threading.Lock()
+_DEV: dict | None = None
+_KERNELS: dict = {}
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def simulated() -> bool:
+    """True when Numba's CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)."""
+    try:
+        from numba.cuda.core import config
+    except Exception:  # pragma: no cover - older numba-cuda layouts
+        try:
+            from numba import config
+        except Exception:
+            return False
+    return bool(getattr(config, "ENABLE_CUDASIM", 0))
+
+
+def is_available() -> bool:
+    """True when a CUDA device and driver (or the simulator) can run these kernels."""
+    try:
+        from numba import cuda as _cuda
+    except Exception:
+        return False
+    try:
+        return bool(_cuda.is_available())
+    except Exception:
+        return False
+
+
+def _require() -> None:
+    if not is_available():
+        raise RuntimeError(NO_CUDA_MESSAGE)
+    _build()
+
+
+def _launch_config() -> LaunchConfig:
+    if LAUNCH is not None:
+        return LAUNCH
+    return _SIM_LAUNCH if simulated() else _GPU_LAUNCH
+
+
+def _row_threads(classes: int, cfg: LaunchConfig) -> int:
+    limit = max(32, min(1024, cfg.max_block_threads) // 32 * 32)
+    t = min(128, limit)
+    while t < limit and t * 16 < classes:
+        t *= 2
+    return min(t, limit)
+
+
+def launch_shape(rows: int, classes: int, cfg: LaunchConfig | None = None):
+    """(grid, block, threads per row) for a chunk of ``rows`` rows of ``classes`` classes."""
+    cfg = cfg or _launch_config()
+    if classes <= cfg.warp_max_classes:
+        per_block = max(1, cfg.rows_per_block)
+        return (rows + per_block - 1) // per_block, 32 * per_block, 32
+    t = _row_threads(classes, cfg)
+    return rows, t, t
+
+
+# --------------------------------------------------------------------------- device code
+
+
+def _sim_warp_values(value):
+    """Simulator: the values of the 32 lanes of the calling thread's warp (one barrier).
+
+    The simulator has no warp shuffles. Two mailboxes are used alternately: a thread writes
+    the next exchange's box only after passing this exchange's barrier, which every thread
+    passes only after the previous exchange's reads are done. Every thread of the block must
+    call it the same number of times (the kernels keep block-uniform control flow around
+    reductions for this reason).
+    """
+    th = threading.current_thread()
+    turn = getattr(th, "_xent_turn", 0)
+    th._xent_turn = turn ^ 1
+    boxes = th._manager.__dict__.setdefault("_xent_lanes", ({}, {}))
+    box = boxes[turn]
+    box[th.thread_id] = value
+    th.syncthreads()
+    base = th.thread_id - th.thread_id % 32
+    return [box[base + lane] for lane in range(32)], th.thread_id % 32
+
+
+def _sim_butterfly(value, op):
+    """Replays the five shfl_xor steps of the GPU code on the gathered lane values, so
+    the result has the same bits as the shuffles would give (op(own, partner) order)."""
+    cur, lane = _sim_warp_values(value)
+    for k in (16, 8, 4, 2, 1):
+        cur = [op(cur[i], cur[i ^ k]) for i in range(32)]
+    return cur[lane]
+
+
+def _sim_sum(a, b):
+    return a + b
+
+
+def _sim_argmax(a, b):
+    return b if (b[0] > a[0] or (b[0] == a[0] and b[1] < a[1])) else a
+
+
+def _build() -> None:
+    """Import numba.cuda and define the type-generic device helpers (once)."""
+    global cuda, _DEV
+    if _DEV is not None:
+        return
+    with _BUILD_LOCK:
+        if _DEV is not None:
+            return
+        from numba import cuda as _cuda
+
+        cuda = _cuda
+        dev = {}
+
+        if simulated():
+
+            def wsum(v):
+                return _sim_butterfly(v, _sim_sum)
+
+            def wargmax(v, i):
+                return _sim_butterfly((v, i), _sim_argmax)
+
+        else:
+
+            @cuda.jit(device=True)
+            def wsum(v):
+                for k in (16, 8, 4, 2, 1):
+                    v = v + cuda.shfl_xor_sync(0xFFFFFFFF, v, k)  # a+b == b+a: lanes agree
+                return v
+
+            @cuda.jit(device=True)
+            def wargmax(v, i):
+                for k in (16, 8, 4, 2, 1):
+                    ov = cuda.shfl_xor_sync(0xFFFFFFFF, v, k)
+                    oi = cuda.shfl_xor_sync(0xFFFFFFFF, i, k)
+                    if ov > v or (ov == v and oi < i):
+                        v = ov
+                        i = oi
+                return v, i
+
+        @cuda.jit(device=True)
+        def rsum(v, sh, T):
+            """Sum over the T threads of a row; every thread gets the same bits."""
+            v = wsum(v)
+            if T > 32:
+                tid = cuda.threadIdx.x
+                if tid % 32 == 0:
+                    sh[tid // 32] = v
+                cuda.syncthreads()
+                v = sh[0]
+                for i in range(1, T // 32):
+                    v = v + sh[i]
+                cuda.syncthreads()
+            return v
+
+        @cuda.jit(device=True)
+        def rargmax(v, i, shv, shi, T):
+            """(max, first index of max) over the T threads of a row."""
+            v, i = wargmax(v, i)
+            if T > 32:
+                tid = cuda.threadIdx.x
+                if tid % 32 == 0:
+                    shv[tid // 32] = v
+                    shi[tid // 32] = i
+                cuda.syncthreads()
+                v = shv[0]
+                i = shi[0]
+                for k in range(1, T // 32):
+                    ov = shv[k]
+                    oi = shi[k]
+                    if ov > v or (ov == v and oi < i):
+                        v = ov
+                        i = oi
+                cuda.syncthreads()
+            return v, i
+
+        @cuda.jit(device=True)
+        def bf16_value(bits):
+            """bfloat16 bit pattern -> float32, exactly (no bit casts: works in the simulator)."""
+            b = np.int32(bits)
+            e = (b >> 7) & 0xFF
+            mant = b & 0x7F
+            if e == 0xFF:
+                v = np.float32(math.inf) if mant == 0 else np.float32(math.nan)
+            elif e == 0:
+                v = np.float32(math.ldexp(np.float32(mant), np.int32(-133)))
+            else:
+                v = np.float32(math.ldexp(np.float32(mant | 0x80), np.int32(e - 134)))
+            if b & 0x8000:
+                v = -v
+            return v
+
+        dev.update(rsum=rsum, rargmax=rargmax, bf16_value=bf16_value)
+        _DEV = dev
+
+
+def _kernels(bf16: bool, compute: np.dtype):
+    """(loss_kernel, stats_kernel) for one logits encoding and compute precision."""
+    key = (bool(bf16), np.dtype(compute).name)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    with _BUILD_LOCK:
+        if key not in _KERNELS:
+            _KERNELS[key] = _make_kernels(bool(bf16), np.dtype(compute))
+    return _KERNELS[key]
+
+
+def _make_kernels(bf16: bool, compute: np.dtype):
+    from numba import types
+
+    F = types.float32 if compute == np.float32 else types.float64
+    I64 = types.int64
+    NEG_INF = F(-math.inf)
+    INF = F(math.inf)
+    ZERO = F(0.0)
+    ONE = F(1.0)
+    TWO = F(2.0)
+    rsum, rargmax = _DEV["rsum"], _DEV["rargmax"]
+    bf16_value = _DEV["bf16_value"]
+
+    if bf16:
+
+        @cuda.jit(device=True)
+        def load(x, r, j):
+            return F(bf16_value(x[r, j]))
+
+    else:
+
+        @cuda.jit(device=True)
+        def load(x, r, j):
+            return F(x[r, j])
+
+    @cuda.jit(device=True)
+    def transform(v, kind, cap, tiny):
+        """(u, xv): u plays the logit in logp = u - lse (lse = 0 unless kind 0); xv orders
+        classes for argmax / rank (the capped logit, or the raw input)."""
+        if kind == 0:
+            if cap > ZERO:
+                u = F(cap * math.tanh(v / cap))
+                return u, u
+            return v, v
+        if kind == 1:
+            return v, v
+        q = tiny if v < tiny else v  # log(max(p, tiny)); NaN stays NaN
+        return F(math.log(q)), v
+
+    @cuda.jit(device=True)
+    def exp_any(v):
+        if v > F(709.0):  # the simulator's math.exp raises beyond this
+            return INF
+        return F(math.exp(v))
+
+    @cuda.jit(device=True)
+    def push_lse(m, s, u):
+        """Online max m and s = Σ exp(u - m) over the elements *other than one maximal
+        one*, whose term is exactly 1: lse = m + log1p(s) then keeps full float32 accuracy
+        for confident rows. u = +inf or NaN makes s NaN (as PyTorch)."""
+        if u > m:
+            if m != NEG_INF:
+                s = (s + ONE) * F(math.exp(m - u))
+            s = s + (F(math.exp(u - u)) - ONE)  # 0, or NaN for u = +inf
+            m = u
+        elif u != NEG_INF:
+            s = s + F(math.exp(u - m))
+        return m, s
+
+    @cuda.jit(device=True)
+    def push_lin(a, b, c, u, m0, m):
+        """a = Σ c (u - m), b = Σ c, kept relative to the running max m (was m0)."""
+        if m != m0 and m0 != NEG_INF and b != ZERO:
+            a = a + (m0 - m) * b
+        if c != ZERO:
+            if u == NEG_INF:
+                a = a + c * NEG_INF
+            else:
+                a = a + c * (u - m)
+            b = b + c
+        return a, b
+
+    @cuda.jit(device=True)
+    def row_loss(M, lnS, A, B, cy, uy, zeta, kind):
+        """(loss, lse) of a row from its reduced terms (loss without the ignore mask)."""
+        if kind == 0:
+            # Σ_j c_j (lse - u_j) with lse = M + lnS and A = Σ c_j (u_j - M)
+            L = M + lnS
+            ce = ZERO
+            if B != ZERO:
+                ce = B * lnS - A
+            if cy != ZERO:
+                ce = ce + cy * ((M - uy) + lnS)
+            if zeta > ZERO:
+                ce = ce + zeta * L * L
+            if M == NEG_INF:  # every logit -inf: log-softmax is NaN (as the reference)
+                ce = F(math.nan)
+            return ce, L
+        # log_probs / probs: logp = u, lse = 0
+        ce = ZERO
+        if B != ZERO:
+            ce = -(B * M) - A
+        if cy != ZERO:
+            ce = ce - cy * uy
+        return ce, ZERO
+
+    @cuda.jit
+    def loss_kernel(
+        x, y, t, w, scale, zscale, g, loss_out, lse_out,
+        n, C, T, kind, soft, eps, zeta, cap, tiny, want_grad,
+    ):  # fmt: skip
+        sh = cuda.shared.array(32, F)
+        shi = cuda.shared.array(32, I64)
+        tid = cuda.threadIdx.x
+        rpb = cuda.blockDim.x // T
+        r = cuda.blockIdx.x * rpb + tid // T
+        lane = tid % T
+        valid = r < n
+        stop = C if valid else 0
+        is_soft = soft != 0
+        yi = -1
+        if valid and not is_soft:
+            yi = y[r]
+        counted = valid and (is_soft or yi >= 0)
+        keep = ONE - eps
+        epc = eps / F(C)
+        smooth = eps > ZERO
+        # the target's term: its logit is read once, by every lane of the row (a broadcast)
+        cy = ZERO
+        uy = ZERO
+        if counted and not is_soft:
+            cy = keep * w[yi]
+            uy = transform(load(x, r, yi), kind, cap, tiny)[0]
+
+        # pass 1: online max / sum / linear terms, thread-local
+        m = NEG_INF
+        s = ZERO
+        a = ZERO
+        b = ZERO
+        for j in range(lane, stop, T):
+            u = transform(load(x, r, j), kind, cap, tiny)[0]
+            c = ZERO
+            if is_soft:
+                c = w[j] * (keep * t[r, j] + epc)
+            elif smooth:
+                c = epc * w[j]
+            m0 = m
+            m, s = push_lse(m, s, u)
+            a, b = push_lin(a, b, c, u, m0, m)
+
+        # row reduction: the row max and the lowest lane holding it (which keeps its max
+        # element out of s); the others fold their own max back in and align on M
+        M, owner = rargmax(m, lane, sh, shi, T)
+        if m != NEG_INF and lane != owner:
+            d = m - M
+            s = (s + ONE) * F(math.exp(d))
+            if b != ZERO:
+                a = a + d * b
+        lnS = F(math.log1p(rsum(s, sh, T)))  # lse - M
+        A = rsum(a, sh, T)
+        B = rsum(b, sh, T)
+        ce, L = row_loss(M, lnS, A, B, cy, uy, zeta, kind)
+        if valid and lane == 0:
+            loss_out[r] = ce if counted else ZERO
+            lse_out[r] = L
+
+        if want_grad != 0 and valid:
+            if counted:
+                sc = scale[r]
+                zs = ZERO
+                if zeta > ZERO:
+                    zs = TWO * zeta * L * zscale[r]
+                btot = B + cy
+                for j in range(lane, C, T):
+                    v = load(x, r, j)
+                    c = ZERO
+                    if is_soft:
+                        c = w[j] * (keep * t[r, j] + epc)
+                    else:
+                        if smooth:
+                            c = epc * w[j]
+                        if j == yi:
+                            c = c + cy
+                    if kind == 0:
+                        # d/dx_j = s (p_j Σc - c_j) + 2ζ lse p_j, times tanh' under softcap
+                        if cap > ZERO:
+                            th = F(math.tanh(v / cap))
+                            p = F(math.exp((cap * th - M) - lnS))
+                            gv = (sc * (p * btot - c) + zs * p) * (ONE - th * th)
+                        else:
+                            p = F(math.exp((v - M) - lnS))
+                            gv = sc * (p * btot - c) + zs * p
+                    elif kind == 1:
+                        gv = -(sc * c)
+                    else:
+                        gv = ZERO
+                        if v > tiny:
+                            gv = -(sc * c) / v  # d(-c log p)/dp
+                    g[r, j] = gv
+            else:
+                for j in range(lane, C, T):
+                    g[r, j] = ZERO
+
+    @cuda.jit
+    def stats_kernel(
+        x, y, t, w, loss_out, lse_out, tlp_out, argmax_out, maxp_out, ent_out, rank_out,
+        kl_out, n, C, T, kind, soft, eps, zeta, cap, tiny,
+    ):  # fmt: skip
+        sh = cuda.shared.array(32, F)
+        shi = cuda.shared.array(32, I64)
+        tid = cuda.threadIdx.x
+        rpb = cuda.blockDim.x // T
+        r = cuda.blockIdx.x * rpb + tid // T
+        lane = tid % T
+        valid = r < n
+        stop = C if valid else 0
+        is_soft = soft != 0
+        yi = -1
+        if valid and not is_soft:
+            yi = y[r]
+        counted = valid and (is_soft or yi >= 0)
+        keep = ONE - eps
+        epc = eps / F(C)
+        smooth = eps > ZERO
+
+        # the class whose rank is reported: the target, or argmax of the soft target row
+        cls = 0
+        if is_soft:
+            tv = NEG_INF
+            ti = 0
+            for j in range(lane, stop, T):
+                tj = t[r, j]
+                if tj > tv:
+                    tv = tj
+                    ti = j
+            tv, ti = rargmax(tv, ti, sh, shi, T)
+            cls = ti
+        elif counted:
+            cls = yi
+        ucls = ZERO
+        xcls = ZERO
+        if valid:
+            ucls, xcls = transform(load(x, r, cls), kind, cap, tiny)
+        cy = ZERO
+        if counted and not is_soft:
+            cy = keep * w[yi]
+
+        m = NEG_INF
+        s = ZERO
+        h = ZERO  # Σ exp(u - m) (u - m): entropy
+        a = ZERO
+        b = ZERO
+        at = ZERO  # Σ_{t>0} t (u - m): soft target log-prob
+        bt = ZERO
+        kls = ZERO  # Σ_{t>0} t log t
+        cnt = ZERO  # classes ranked above the target
+        av = NEG_INF
+        ai = 0
+        for j in range(lane, stop, T):
+            u, xv = transform(load(x, r, j), kind, cap, tiny)
+            c = ZERO
+            tj = ZERO
+            if is_soft:
+                tj = t[r, j]
+                c = w[j] * (keep * tj + epc)
+            elif smooth:
+                c = epc * w[j]
+            m0 = m
+            s0 = s
+            m, s = push_lse(m, s, u)
+            if m != m0 and m0 != NEG_INF:
+                d = m0 - m
+                h = (h + d * (s0 + ONE)) * F(math.exp(d))
+            if u != NEG_INF:
+                h = h + F(math.exp(u - m)) * (u - m)
+            a, b = push_lin(a, b, c, u, m0, m)
+            if is_soft:
+                at, bt = push_lin(at, bt, tj if tj > ZERO else ZERO, u, m0, m)
+                if tj > ZERO:
+                    kls = kls + tj * F(math.log(tj))
+            if xv > av:
+                av = xv
+                ai = j
+            if xv > xcls:
+                cnt = cnt + ONE
+
+        M, owner = rargmax(m, lane, sh, shi, T)
+        if m != NEG_INF and lane != owner:
+            d = m - M
+            f = F(math.exp(d))
+            h = (h + d * (s + ONE)) * f
+            s = (s + ONE) * f
+            if b != ZERO:
+                a = a + d * b
+            if bt != ZERO:
+                at = at + d * bt
+        S = rsum(s, sh, T)  # Σ exp(u - M) less the max element's 1
+        H = rsum(h, sh, T)
+        A = rsum(a, sh, T)
+        B = rsum(b, sh, T)
+        CNT = rsum(cnt, sh, T)
+        av, ai = rargmax(av, ai, sh, shi, T)
+        AT = ZERO
+        BT = ZERO
+        KLS = ZERO
+        if is_soft:
+            AT = rsum(at, sh, T)
+            BT = rsum(bt, sh, T)
+            KLS = rsum(kls, sh, T)
+
+        if not valid:
+            return  # after the last barrier: padding rows stop here
+        lnS = F(math.log1p(S))
+        ce, L = row_loss(M, lnS, A, B, cy, ucls, zeta, kind)
+        # target log-prob: Σ_{t>0} t (u - lse) (soft) or u_y - lse; lse - M = lnS (kind 0)
+        shift = -lnS if kind == 0 else M
+        if is_soft:
+            tlp = ZERO
+            if BT != ZERO:
+                tlp = AT + shift * BT
+        elif counted:
+            tlp = -((M - ucls) + lnS) if kind == 0 else ucls
+        else:
+            tlp = F(math.nan)
+        if kind == 0:
+            # p_j = exp(u_j - M) / (1 + S); entropy = lse - Σ p u = lnS - H / (1 + S)
+            maxp = ONE / (ONE + S)
+            ent = lnS - H / (ONE + S)
+        else:
+            # p_j = exp(u_j); entropy = -Σ p u = -exp(M) (H + M (1 + S))
+            em = exp_any(M)
+            maxp = em
+            ent = -(em * (H + M * (ONE + S)))
+        if lane == 0:
+            loss_out[r] = ce if counted else ZERO
+            lse_out[r] = L
+            tlp_out[r] = tlp
+            argmax_out[r] = ai
+            maxp_out[r] = maxp
+            ent_out[r] = ent
+            rank_out[r] = np.int64(CNT) if counted else -1
+            if is_soft:
+                kl_out[r] = KLS - tlp
+
+    return loss_kernel, stats_kernel
+
+
+# --------------------------------------------------------------------------- host driver
+
+
+class _Pool:
+    """Pinned host and device buffers kept between calls (allocating pinned memory is slow).
+
+    A buffer is reused when its dtype and trailing shape match and it has enough rows;
+    the pool holds at most one buffer per (name, slot), so memory stays bounded by the
+    largest chunk seen. :func:`release_buffers` frees everything.
+    """
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, name, slot, shape, dtype, pinned):
+        dtype = np.dtype(dtype)
+        key = (name, slot, pinned)
+        buf = self._bufs.get(key)
+        if (
+            buf is None
+            or buf.dtype != dtype
+            or tuple(buf.shape[1:]) != tuple(shape[1:])
+            or buf.shape[0] < shape[0]
+        ):
+            self._bufs.pop(key, None)
+            alloc = cuda.pinned_array if pinned else cuda.device_array
+            buf = alloc(shape, dtype=dtype)
+            self._bufs[key] = buf
+        return buf
+
+    def clear(self):
+        self._bufs.clear()
+
+
+_POOL = _Pool()
+
+
+def release_buffers() -> None:
+    """Free the pinned host and device staging buffers kept between calls."""
+    with _RUN_LOCK:
+        _POOL.clear()
+
+
+def _grad_writer(out: np.ndarray, p: Problem):
+    """A function storing a compute-dtype gradient chunk into rows of ``out``."""
+    dt = out.dtype
+    if dt in (np.float16, np.float32, np.float64):
+        return lambda dst, g: np.copyto(dst, g, casting="unsafe")
+    if dt in (np.uint16, np.int16):
+        if p.storage == STORAGE_F16_BITS:
+            return lambda dst, g: np.copyto(dst.view(np.float16), g, casting="unsafe")
+        if p.storage == STORAGE_BF16_BITS:
+
+            def write_bf16(dst, g):
+                dst[...] = dtypes.float32_to_bf16_bits(g.astype(np.float32)).view(dt)
+
+            return write_bf16
+    raise TypeError(
+        f"out must be float16/float32/float64 (or 16-bit storage of the logits' own "
+        f"16-bit encoding); got {dt} for storage {p.storage}"
+    )
+
+
+def _device_logits(p: Problem) -> np.ndarray:
+    x = p.x
+    if x.ndim != 2:
+        raise ValueError("logits must be 2-D (rows x classes)")
+    if p.storage == STORAGE_F16_BITS:
+        return x.view(np.float16)  # the hardware converts float16 on load
+    if p.storage == STORAGE_BF16_BITS:
+        return x.view(np.uint16)
+    if p.storage != STORAGE_NATIVE:
+        raise ValueError(f"unknown storage code {p.storage}")
+    return x
+
+
+def _scalar(compute: np.dtype, v) -> np.generic:
+    return compute.type(v)
+
+
+def _run(p: Problem, mode: str, scale=None, zscale=None, out=None):
+    _require()
+    compute = np.dtype(p.compute)
+    xin = _device_logits(p)
+    n, C = xin.shape
+    soft = p.t is not None
+    grad = mode == "grad"
+    writer = _grad_writer(out, p) if grad else None
+    if grad and out.shape != p.x.shape:
+        raise ValueError(f"out has shape {out.shape}, logits {p.x.shape}")
+
+    int_fields = ("argmax", "target_rank") if mode == "stats" else ()
+    if mode == "stats":
+        fields = ["loss", "lse", "target_logprob", "argmax", "max_prob", "entropy"]
+        fields += ["target_rank"] + (["kl"] if soft else [])
+    else:
+        fields = ["loss", "lse"]
+    results = {f: np.zeros(n, dtype=np.int64 if f in int_fields else compute) for f in fields}
+    if n == 0:
+        return results
+    if C == 0:  # nothing to read: lse of an empty row is -inf, every target is invalid
+        results["lse"][:] = -np.inf
+        if mode == "stats":
+            results["target_logprob"][:] = np.nan
+            results["target_rank"][:] = -1
+        return results
+
+    if grad:
+        scale = np.broadcast_to(np.asarray(scale, dtype=compute), (n,))
+        zscale = np.broadcast_to(np.asarray(zscale, dtype=compute), (n,))
+    cfg = _launch_config()
+    per_row = C * (xin.itemsize + (compute.itemsize if soft else 0))
+    per_row += C * compute.itemsize if grad else 0
+    per_row += 16 * 8
+    R = int(max(1, min(n, cfg.chunk_bytes // per_row)))
+
+    loss_k, stats_k = _kernels(p.storage == STORAGE_BF16_BITS, compute)
+    eps = _scalar(compute, p.eps)
+    zeta = _scalar(compute, p.zeta)
+    cap = _scalar(compute, p.cap)
+    tiny = _scalar(compute, np.finfo(compute).tiny)
+
+    with _RUN_LOCK:
+        w_dev = cuda.to_device(np.ascontiguousarray(p.w, dtype=compute))
+        streams = (cuda.stream(), cuda.stream())
+        dummy_y = _POOL.get("dummy_y", 0, (1,), np.int64, False)
+        dummy_2d = _POOL.get("dummy_2d", 0, (1, 1), compute, False)
+        dummy_1d = _POOL.get("dummy_1d", 0, (1,), compute, False)
+        pending: list = [None, None]
+
+        def finish(slot):
+            job = pending[slot]
+            if job is None:
+                return
+            pending[slot] = None
+            r0, r1, host_out = job
+            streams[slot].synchronize()
+            k = r1 - r0
+            for f in fields:
+                results[f][r0:r1] = host_out[f][:k]
+            if grad:
+                writer(out[r0:r1], host_out["grad"][:k])
+
+        for ci, r0 in enumerate(range(0, n, R)):
+            slot = ci & 1
+            st = streams[slot]
+            finish(slot)  # the slot's buffers are free again once its last chunk is in
+            r1 = min(n, r0 + R)
+            k = r1 - r0
+            hx = _POOL.get("x", slot, (R, C), xin.dtype, True)[:k]
+            dx = _POOL.get("x", slot, (R, C), xin.dtype, False)[:k]
+            np.copyto(hx, xin[r0:r1])
+            dx.copy_to_device(hx, stream=st)
+            if soft:
+                ht = _POOL.get("t", slot, (R, C), compute, True)[:k]
+                dt = _POOL.get("t", slot, (R, C), compute, False)[:k]
+                np.copyto(ht, p.t[r0:r1], casting="same_kind")
+                dt.copy_to_device(ht, stream=st)
+                dy = dummy_y
+            else:
+                hy = _POOL.get("y", slot, (R,), np.int64, True)[:k]
+                dy = _POOL.get("y", slot, (R,), np.int64, False)[:k]
+                np.copyto(hy, p.y[r0:r1], casting="same_kind")
+                dy.copy_to_device(hy, stream=st)
+                dt = dummy_2d
+            host_out = {}
+            dev_out = {}
+            for f in fields:
+                dtp = np.int64 if f in int_fields else compute
+                host_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, True)[:k]
+                dev_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, False)[:k]
+            grid, block, T = launch_shape(k, C, cfg)
+            common = (k, C, T, p.kind, int(soft), eps, zeta, cap, tiny)
+            if mode == "stats":
+                stats_k[grid, block, st](
+                    dx, dy, dt, w_dev,
+                    *(dev_out[f] for f in fields[:7]),
+                    dev_out["kl"] if soft else dummy_1d,
+                    *common,
+                )  # fmt: skip
+            else:
+                if grad:
+                    hs = _POOL.get("scale", slot, (R,), compute, True)[:k]
+                    hz = _POOL.get("zscale", slot, (R,), compute, True)[:k]
+                    ds = _POOL.get("scale", slot, (R,), compute, False)[:k]
+                    dz = _POOL.get("zscale", slot, (R,), compute, False)[:k]
+                    np.copyto(hs, scale[r0:r1])
+                    np.copyto(hz, zscale[r0:r1])
+                    ds.copy_to_device(hs, stream=st)
+                    dz.copy_to_device(hz, stream=st)
+                    dg = _POOL.get("g", slot, (R, C), compute, False)[:k]
+                    host_out["grad"] = _POOL.get("g", slot, (R, C), compute, True)[:k]
+                else:
+                    ds = dz = dummy_1d
+                    dg = dummy_2d
+                loss_k[grid, block, st](
+                    dx, dy, dt, w_dev, ds, dz, dg, dev_out["loss"], dev_out["lse"],
+                    *common, int(grad),
+                )  # fmt: skip
+                if grad:
+                    dg.copy_to_host(host_out["grad"], stream=st)
+            for f in fields:
+                dev_out[f].copy_to_host(host_out[f], stream=st)
+            pending[slot] = (r0, r1, host_out)
+        # drain in chunk order
+        first = (len(range(0, n, R)) - 1) & 1
+        finish(first ^ 1)
+        finish(first)
+    return results
+
+
+def forward(p: Problem):
+    """(loss, lse) per row, arrays of the compute dtype (see engine/kernels/__init__.py)."""
+    res = _run(p, "forward")
+    return res["loss"], res["lse"]
+
+
+def forward_grad(p: Problem, scale, zscale, out: np.ndarray):
+    """As :func:`forward`, and writes d loss / d logits into ``out`` (may be ``p.x``)."""
+    res = _run(p, "grad", scale, zscale, out)
+    return res["loss"], res["lse"]
+
+
+def stats(p: Problem) -> dict:
+    """RowStats arrays: loss, lse, target_logprob, argmax, max_prob, entropy, target_rank
+    (and kl for soft targets); floats in the compute dtype, argmax / target_rank int64."""
+    return _run(p, "stats")
