@@ -1,0 +1,1 @@
+"""Benchmarks: in-memory kernels vs peers (bench.kernels), machine roofline (bench.roofline)."""
