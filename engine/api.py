@@ -65,6 +65,14 @@ def backend(device: str):
     return module
 
 
+class TargetOutOfRange(IndexError):
+    """A class index outside [0, C) that is not the ignore index (PyTorch's wording)."""
+
+    def __init__(self, value: int, row: int, classes: int):
+        self.value, self.row, self.classes = value, row, classes
+        super().__init__(f"Target {value} is out of bounds (row {row}).")
+
+
 @dataclass
 class Targets:
     """Validated targets of one batch of rows."""
@@ -110,7 +118,7 @@ def prepare_targets(target, n: int, c: int, opts: LossOptions, compute, valid=No
     bad = counted & ((y < 0) | (y >= c))
     if bad.any():
         row = int(np.argmax(bad))
-        raise IndexError(f"Target {int(y[row])} is out of bounds (row {row}).")
+        raise TargetOutOfRange(int(y[row]), row, c)
     y = np.where(counted, y, -1)
     weight_sum = float(np.sum(w[y[counted]], dtype=np.float64))
     return Targets(y, None, counted, weight_sum, int(counted.sum()))

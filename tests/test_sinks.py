@@ -204,8 +204,8 @@ def test_parts_writer_manifest_and_resume(tmp_path):
     w.write_part(0, small_table(4), first_row=0)
     w.write_part(2, small_table(3), first_row=9)
     w.write_part(2, small_table(3), first_row=9)  # a retried part replaces, never doubles
-    assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet", "part-00002.parquet"]
-    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(os.listdir(out)) == ["_manifest.json", "part-00000.parquet", "part-00002.parquet"]
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["complete"] is False
     assert manifest["parts"]["2"] == {"file": "part-00002.parquet", "rows": 3, "first_row": 9}
     assert w.completed() == {0: 4, 2: 3}
@@ -218,7 +218,7 @@ def test_parts_writer_manifest_and_resume(tmp_path):
     assert resumed.completed() == {0: 4}
     resumed.write_part(1, small_table(5), first_row=4)
     resumed.finalize(12)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["complete"] is True and manifest["total_rows"] == 12
     assert list(manifest["parts"]) == ["0", "1", "2"]
     assert leftovers(out) == []

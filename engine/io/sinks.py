@@ -6,7 +6,7 @@ included, inside a `with` block) removes the temporary file. An existing output 
 refused unless `overwrite=True`, before anything is written.
 
 `PartsWriter` is the directory form for resumable and distributed jobs: one file per
-part, written the same way, and a `manifest.json` that records finished parts.
+part, written the same way, and a `_manifest.json` that records finished parts.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def grad_table(grad: np.ndarray, keep: pa.Table | None = None, dtype: str = "flo
 # Directory of parts
 # --------------------------------------------------------------------------------------
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"  # leading underscore: pyarrow datasets skip it
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -239,7 +239,7 @@ def write_part_file(path: str, table: pa.Table) -> None:
 
 
 class PartsWriter:
-    """Output directory of `part-00000.parquet` files plus `manifest.json`.
+    """Output directory of `part-00000.parquet` files plus `_manifest.json`.
 
     The manifest lists finished parts (file, rows, first_row) and is rewritten
     atomically after each one, so `completed()` after a crash tells `--resume` what is
