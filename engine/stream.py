@@ -58,7 +58,7 @@ class JobSpec:
             raise ValueError("top_k values must be >= 1")
 
 
-# -- one chunk ---------------------------------------------------------------------------------
+# -- one chunk --------------------------------------------------------------------------------
 
 
 def chunk_problem(chunk: Chunk, spec: JobSpec, classes: int):
@@ -133,7 +133,7 @@ def eval_chunk(chunk: Chunk, spec: JobSpec, classes: int, state: MetricState, ke
     return stats
 
 
-# -- helpers shared by the public jobs -----------------------------------------------------------
+# -- helpers shared by the public jobs -------------------------------------------------------
 
 
 def _spec(top_k, chunk_rows, device, nan_policy, loss_options) -> JobSpec:
@@ -209,7 +209,7 @@ def _metric_reduction(opts: LossOptions) -> str:
     return "sum" if opts.reduction == "sum" else "mean"
 
 
-# -- public jobs ------------------------------------------------------------------------------------
+# -- public jobs ----------------------------------------------------------------------------
 
 
 def evaluate(
