@@ -396,7 +396,17 @@ def engine_kwargs(kw: dict) -> tuple[dict, dict]:
     }
     _set_threads(run["threads"])
     _check_device(run["device"])
+    _check_dask(run["dask"])
     return {**run, **loss}, kw
+
+
+def _check_dask(address: str | None) -> None:
+    if not address:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        raise XentCliError(f"--dask {address}: needs Dask distributed (pip install 'xent[dask]')")
 
 
 def _stderr_is_terminal() -> bool:
