@@ -199,8 +199,8 @@ def _sim_butterfly(value, op):
     return cur[lane]
 
 
-def _sim_sum(a, b):
-    return a + b
+def _sim_sum3(a, b):
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
 def _sim_argmax(a, b):
@@ -222,8 +222,8 @@ def _build() -> None:
 
         if simulated():
 
-            def wsum(v):
-                return _sim_butterfly(v, _sim_sum)
+            def wsum3(a, b, c):
+                return _sim_butterfly((a, b, c), _sim_sum3)
 
             def wargmax(v, i):
                 return _sim_butterfly((v, i), _sim_argmax)
@@ -231,10 +231,13 @@ def _build() -> None:
         else:
 
             @cuda.jit(device=True)
-            def wsum(v):
+            def wsum3(a, b, c):
+                # x + y == y + x bitwise: both lanes of a pair get the same sum
                 for k in (16, 8, 4, 2, 1):
-                    v = v + cuda.shfl_xor_sync(0xFFFFFFFF, v, k)  # a+b == b+a: lanes agree
-                return v
+                    a = a + cuda.shfl_xor_sync(0xFFFFFFFF, a, k)
+                    b = b + cuda.shfl_xor_sync(0xFFFFFFFF, b, k)
+                    c = c + cuda.shfl_xor_sync(0xFFFFFFFF, c, k)
+                return a, b, c
 
             @cuda.jit(device=True)
             def wargmax(v, i):
@@ -247,19 +250,27 @@ def _build() -> None:
                 return v, i
 
         @cuda.jit(device=True)
-        def rsum(v, sh, T):
-            """Sum over the T threads of a row; every thread gets the same bits."""
-            v = wsum(v)
+        def rsum3(a, b, c, sh3, T):
+            """Three sums over the T threads of a row; every thread gets the same bits.
+            sh3: shared (3, 32) scratch, used only when the row spans several warps."""
+            a, b, c = wsum3(a, b, c)
             if T > 32:
                 tid = cuda.threadIdx.x
                 if tid % 32 == 0:
-                    sh[tid // 32] = v
+                    wi = tid // 32
+                    sh3[0, wi] = a
+                    sh3[1, wi] = b
+                    sh3[2, wi] = c
                 cuda.syncthreads()
-                v = sh[0]
-                for i in range(1, T // 32):
-                    v = v + sh[i]
+                a = sh3[0, 0]
+                b = sh3[1, 0]
+                c = sh3[2, 0]
+                for i in range(1, T // 32):  # the same order in every thread
+                    a = a + sh3[0, i]
+                    b = b + sh3[1, i]
+                    c = c + sh3[2, i]
                 cuda.syncthreads()
-            return v
+            return a, b, c
 
         @cuda.jit(device=True)
         def rargmax(v, i, shv, shi, T):
@@ -291,14 +302,14 @@ def _build() -> None:
             if e == 0xFF:
                 v = np.float32(math.inf) if mant == 0 else np.float32(math.nan)
             elif e == 0:
-                v = np.float32(math.ldexp(np.float32(mant), np.int32(-133)))
+                v = np.float32(math.ldexp(np.float32(mant), -133))
             else:
-                v = np.float32(math.ldexp(np.float32(mant | 0x80), np.int32(e - 134)))
+                v = np.float32(math.ldexp(np.float32(mant | 0x80), int(e - 134)))
             if b & 0x8000:
                 v = -v
             return v
 
-        dev.update(rsum=rsum, rargmax=rargmax, bf16_value=bf16_value)
+        dev.update(rsum3=rsum3, rargmax=rargmax, bf16_value=bf16_value)
         _DEV = dev
 
 
@@ -323,7 +334,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
     ZERO = F(0.0)
     ONE = F(1.0)
     TWO = F(2.0)
-    rsum, rargmax = _DEV["rsum"], _DEV["rargmax"]
+    rsum3, rargmax = _DEV["rsum3"], _DEV["rargmax"]
     bf16_value = _DEV["bf16_value"]
 
     if bf16:
@@ -398,8 +409,9 @@ def _make_kernels(bf16: bool, compute: np.dtype):
                 ce = ce + cy * ((M - uy) + lnS)
             if zeta > ZERO:
                 ce = ce + zeta * L * L
-            if M == NEG_INF:  # every logit -inf: log-softmax is NaN (as the reference)
+            if M == NEG_INF:  # every logit -inf: lse and log-softmax are NaN (as torch)
                 ce = F(math.nan)
+                L = ce
             return ce, L
         # log_probs / probs: logp = u, lse = 0
         ce = ZERO
@@ -416,6 +428,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
     ):  # fmt: skip
         sh = cuda.shared.array(32, F)
         shi = cuda.shared.array(32, I64)
+        sh3 = cuda.shared.array((3, 32), F)
         tid = cuda.threadIdx.x
         rpb = cuda.blockDim.x // T
         r = cuda.blockIdx.x * rpb + tid // T
@@ -461,9 +474,8 @@ def _make_kernels(bf16: bool, compute: np.dtype):
             s = (s + ONE) * F(math.exp(d))
             if b != ZERO:
                 a = a + d * b
-        lnS = F(math.log1p(rsum(s, sh, T)))  # lse - M
-        A = rsum(a, sh, T)
-        B = rsum(b, sh, T)
+        S, A, B = rsum3(s, a, b, sh3, T)
+        lnS = F(math.log1p(S))  # lse - M
         ce, L = row_loss(M, lnS, A, B, cy, uy, zeta, kind)
         if valid and lane == 0:
             loss_out[r] = ce if counted else ZERO
@@ -478,26 +490,37 @@ def _make_kernels(bf16: bool, compute: np.dtype):
                 btot = B + cy
                 for j in range(lane, C, T):
                     v = load(x, r, j)
-                    c = ZERO
+                    c = ZERO  # smoothing / soft-target coefficient of class j
                     if is_soft:
                         c = w[j] * (keep * t[r, j] + epc)
-                    else:
-                        if smooth:
-                            c = epc * w[j]
-                        if j == yi:
-                            c = c + cy
+                    elif smooth:
+                        c = epc * w[j]
                     if kind == 0:
                         # d/dx_j = s (p_j Σc - c_j) + 2ζ lse p_j, times tanh' under softcap
+                        dcap = ONE
+                        u = v
                         if cap > ZERO:
                             th = F(math.tanh(v / cap))
-                            p = F(math.exp((cap * th - M) - lnS))
-                            gv = (sc * (p * btot - c) + zs * p) * (ONE - th * th)
+                            u = cap * th
+                            dcap = ONE - th * th
+                        z = (u - M) - lnS  # log p_j
+                        if j == yi:
+                            # p_y - 1 by expm1: a confident row's target gradient keeps
+                            # its relative accuracy instead of cancelling in 1 - p_y
+                            pm1 = F(math.expm1(z))
+                            p = pm1 + ONE
+                            gv = sc * (p * B + cy * pm1 - c) + zs * p
                         else:
-                            p = F(math.exp((v - M) - lnS))
+                            p = F(math.exp(z))
                             gv = sc * (p * btot - c) + zs * p
+                        gv = gv * dcap
                     elif kind == 1:
+                        if j == yi:
+                            c = c + cy
                         gv = -(sc * c)
                     else:
+                        if j == yi:
+                            c = c + cy
                         gv = ZERO
                         if v > tiny:
                             gv = -(sc * c) / v  # d(-c log p)/dp
@@ -513,6 +536,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
     ):  # fmt: skip
         sh = cuda.shared.array(32, F)
         shi = cuda.shared.array(32, I64)
+        sh3 = cuda.shared.array((3, 32), F)
         tid = cuda.threadIdx.x
         rpb = cuda.blockDim.x // T
         r = cuda.blockIdx.x * rpb + tid // T
@@ -599,19 +623,14 @@ def _make_kernels(bf16: bool, compute: np.dtype):
                 a = a + d * b
             if bt != ZERO:
                 at = at + d * bt
-        S = rsum(s, sh, T)  # Σ exp(u - M) less the max element's 1
-        H = rsum(h, sh, T)
-        A = rsum(a, sh, T)
-        B = rsum(b, sh, T)
-        CNT = rsum(cnt, sh, T)
+        S, H, CNT = rsum3(s, h, cnt, sh3, T)  # S: Σ exp(u - M) less the max element's 1
+        A, B, _ = rsum3(a, b, ZERO, sh3, T)
         av, ai = rargmax(av, ai, sh, shi, T)
         AT = ZERO
         BT = ZERO
         KLS = ZERO
         if is_soft:
-            AT = rsum(at, sh, T)
-            BT = rsum(bt, sh, T)
-            KLS = rsum(kls, sh, T)
+            AT, BT, KLS = rsum3(at, bt, kls, sh3, T)
 
         if not valid:
             return  # after the last barrier: padding rows stop here
@@ -629,7 +648,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
             tlp = F(math.nan)
         if kind == 0:
             # p_j = exp(u_j - M) / (1 + S); entropy = lse - Σ p u = lnS - H / (1 + S)
-            maxp = ONE / (ONE + S)
+            maxp = ONE / (ONE + S) if M != NEG_INF else F(math.nan)
             ent = lnS - H / (ONE + S)
         else:
             # p_j = exp(u_j); entropy = -Σ p u = -exp(M) (H + M (1 + S))
