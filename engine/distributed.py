@@ -1,0 +1,638 @@
+"""The streaming jobs on Dask distributed: one task per fragment, exact merge on the client.
+
+`engine.stream.evaluate/score/gradients` call here when given ``dask=ADDRESS``. The
+client opens the source (footers only), splits it into fragments (a file, or a run of
+Parquet row groups of bounded size, `Source.fragments`) and submits one task per
+fragment. A task runs the single-machine per-chunk code (`stream.eval_chunk`,
+`stream.grad_chunk`) over `open_fragment(...).iter_chunks()` and returns its partial
+`MetricState` (float64 sums and counts); the client merges them in fragment order, so the
+report equals a local run's up to float64 rounding (SPEC §5, §7).
+
+`score` and `gradients` write one part per task, ``part-<fragment>.parquet``, through a
+temporary name (a retried task replaces its part, never duplicates it); the client
+records each finished part in ``_manifest.json`` (`sinks.PartsWriter`), so a resumed
+score job skips the fragments already done.
+
+Addresses: ``local:N`` starts a LocalCluster of N worker processes for the job;
+``tcp://HOST:PORT`` (any Dask scheme, or a bare ``HOST:PORT``) connects to a running
+scheduler. Data and output paths must be readable (writable) by every worker.
+
+Environment: XENT_DASK_THREADS (threads per local worker, default 1), XENT_DASK_TIMEOUT
+(seconds to reach a scheduler, default 10), XENT_DASK_FRAGMENT_ROWS (rows per fragment,
+default: sized from the data and the cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+
+from engine import api, stream
+from engine.errors import XentInputError
+from engine.io import sinks
+from engine.io.sources import Fragment, Source, open_fragment
+from engine.metrics import MetricState
+from engine.progress import make_progress
+
+#: Extra attempts of a task that raised (a worker that dies is handled by the scheduler,
+#: which reschedules its tasks on the others).
+RETRIES = 2
+#: Fragment sizing when not given: about this many tasks per worker thread, each between
+#: MIN and MAX bytes of logits (a Parquet row group is never split).
+TASKS_PER_THREAD = 4
+MIN_FRAGMENT_BYTES = 16 * 2**20
+MAX_FRAGMENT_BYTES = 256 * 2**20
+DEFAULT_TIMEOUT_S = 10.0
+
+_LOCAL = re.compile(r"^local:(\d+)$")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+_HOST_PORT = re.compile(r"^[^\s:/]+:\d+$")
+
+
+# --------------------------------------------------------------------------------------
+# What travels to the workers
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """Everything a task needs besides its fragment (plain data, pickled per task)."""
+
+    kind: str  # "eval" | "score" | "grad"
+    spec: stream.JobSpec
+    classes: int
+    soft: bool
+    logits: str
+    target: str | None
+    keep: tuple[str, ...] = ()
+    group_by: str | None = None
+    read_dtype: str | None = None  # logits_dtype the source was opened with
+    keep_schema: pa.Schema | None = None  # for an empty part's columns
+    grad_dtype: str = "float32"
+    grad_output: float = 1.0
+    denominators: tuple = (None, None)
+    threads: int | None = None  # Numba threads per task; None: cores / busy threads
+    host_threads: dict = field(default_factory=dict)  # host -> worker threads there
+
+
+@dataclass
+class _Result:
+    """What a task returns: partial sums, never rows."""
+
+    index: int
+    rows: int = 0
+    nbytes: int = 0
+    state: MetricState | None = None
+    warning: str | None = None
+    ce_sum: float = 0.0
+    z_sum: float = 0.0
+    counted: int = 0
+    error: tuple | None = None  # (what, file, row) of an XentInputError
+
+
+def _task(job: _Job, index: int, fragment: Fragment, part_path: str | None) -> _Result:
+    """One fragment on a worker. Input errors come back as values: retrying cannot help."""
+    try:
+        _set_task_threads(job)
+        kernels = api.backend(job.spec.device)
+        src = open_fragment(
+            fragment,
+            logits=job.logits,
+            target=job.target,
+            keep=job.keep,
+            group_by=job.group_by,
+            logits_dtype=job.read_dtype,
+        )
+        if job.kind == "grad":
+            return _grad_fragment(job, index, src, kernels, part_path)
+        return _eval_fragment(job, index, src, kernels, part_path)
+    except XentInputError as e:
+        return _Result(index, error=(e.what, e.file, e.row))
+
+
+def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path) -> _Result:
+    spec = job.spec
+    state = MetricState(top_k=spec.top_k)
+    warning = None
+    sink = sinks.Sink(part_path, overwrite=True) if part_path else None
+    try:
+        for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
+            if warning is None and state.total.rows == 0:  # as stream.evaluate does
+                warning = stream._probability_warning(chunk, spec)
+            stats = stream.eval_chunk(chunk, spec, job.classes, state, kernels)
+            if sink is not None:
+                sink.write(sinks.score_table(stats, chunk.keep, job.soft))
+        if sink is not None:
+            if sink.rows == 0:
+                empty = sinks.score_table(stream._empty_stats(job.soft), _empty_keep(job), job.soft)
+                sink.write(empty)
+            sink.commit()
+    finally:
+        if sink is not None:
+            sink.abort()  # no-op after commit
+    return _Result(
+        index, rows=state.total.rows, nbytes=state.logit_bytes, state=state, warning=warning
+    )
+
+
+def _grad_fragment(job: _Job, index: int, src: Source, kernels, part_path) -> _Result:
+    spec = job.spec
+    ce_sum = z_sum = 0.0
+    rows = counted = nbytes = 0
+    with sinks.Sink(part_path, overwrite=True) as sink:
+        for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
+            targets, loss, lse, grad = stream.grad_chunk(
+                chunk, spec, job.classes, kernels, job.denominators, job.grad_output
+            )
+            sink.write(sinks.grad_table(grad, chunk.keep, job.grad_dtype))
+            part_ce, part_z = api._split_z(loss, lse, targets, spec.opts)  # as stream.gradients
+            ce_sum += np.nansum([part_ce]) if spec.nan_policy == "skip" else part_ce
+            z_sum += part_z
+            rows += chunk.num_rows
+            counted += targets.counted_rows
+            nbytes += chunk.logits.nbytes
+        if rows == 0:
+            zeros = np.zeros((0, job.classes), np.float32)
+            sink.write(sinks.grad_table(zeros, _empty_keep(job), job.grad_dtype))
+    return _Result(
+        index, rows=rows, nbytes=nbytes, ce_sum=float(ce_sum), z_sum=z_sum, counted=counted
+    )
+
+
+def _empty_keep(job: _Job) -> pa.Table | None:
+    if not job.keep or job.keep_schema is None:
+        return None
+    return job.keep_schema.empty_table()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _set_task_threads(job: _Job) -> None:
+    """Numba threads for this task: as asked, else this host's cores over the Dask worker
+    threads running there (so N workers x T threads do not oversubscribe the cores)."""
+    import numba
+
+    n = job.threads
+    if n is None:
+        busy = 1
+        try:
+            from distributed import get_worker
+            from distributed.comm import get_address_host
+
+            worker = get_worker()
+            busy = job.host_threads.get(get_address_host(worker.address)) or worker.state.nthreads
+        except (ImportError, ValueError):
+            pass
+        n = _cpu_count() // max(1, busy)
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# --------------------------------------------------------------------------------------
+# Connecting
+# --------------------------------------------------------------------------------------
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise XentInputError(
+            "--dask needs Dask distributed, which is not installed: pip install 'xent[dask]'"
+        ) from None
+    return distributed
+
+
+def _env_number(name: str, default, cast=float):
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = cast(text)
+    except ValueError:
+        raise XentInputError(f"{name}={text!r} is not a number") from None
+    if value <= 0:
+        raise XentInputError(f"{name}={text!r} must be > 0")
+    return value
+
+
+def parse_address(address) -> tuple[str, object]:
+    """("local", N) or ("remote", address); anything else raises XentInputError."""
+    text = str(address).strip()
+    m = _LOCAL.match(text)
+    if m:
+        n = int(m.group(1))
+        if n < 1:
+            raise XentInputError("local:N needs N >= 1 workers", file=text)
+        return "local", n
+    if _URL.match(text) or _HOST_PORT.match(text):
+        return "remote", text
+    raise XentInputError(
+        "not a Dask address (use tcp://HOST:PORT for a scheduler, or local:N)", file=text
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def connect(address):
+    """A Dask Client for `address` (a LocalCluster for ``local:N``, closed afterwards)."""
+    kind, value = parse_address(address)
+    distributed = _import_distributed()
+    timeout = _env_number("XENT_DASK_TIMEOUT", DEFAULT_TIMEOUT_S)
+    cluster = None
+    try:
+        if kind == "local":
+            threads = _env_number("XENT_DASK_THREADS", 1, int)
+            cluster = distributed.LocalCluster(
+                n_workers=value,
+                threads_per_worker=threads,
+                processes=True,
+                dashboard_address=":0",  # a free port, never a clash
+                silence_logs=logging.ERROR,
+            )
+            client = distributed.Client(cluster, set_as_default=False)
+        else:
+            try:
+                client = distributed.Client(value, timeout=timeout, set_as_default=False)
+            except Exception as e:  # refused, timed out, unresolvable host, bad scheme
+                raise XentInputError(
+                    f"cannot reach the Dask scheduler ({_one_line(e)})", file=value
+                ) from None
+        try:
+            try:
+                client.wait_for_workers(1, timeout=3 * timeout)
+            except Exception:
+                raise XentInputError(
+                    f"the Dask scheduler has no workers (waited {3 * timeout:g} s)",
+                    file=str(address),
+                ) from None
+            yield client
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _host_threads(client) -> dict:
+    out: dict = {}
+    from distributed.comm import get_address_host
+
+    for addr, info in client.scheduler_info(n_workers=-1)["workers"].items():
+        host = get_address_host(addr)
+        out[host] = out.get(host, 0) + int(info.get("nthreads", 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Splitting and running
+# --------------------------------------------------------------------------------------
+
+
+def fragment_rows(src: Source, total_threads: int, override=None) -> int:
+    """Rows per fragment: given, from XENT_DASK_FRAGMENT_ROWS, or ~TASKS_PER_THREAD tasks per
+    worker thread of MIN..MAX_FRAGMENT_BYTES logits each."""
+    if override is None:
+        override = _env_number("XENT_DASK_FRAGMENT_ROWS", None, int)
+    if override is not None:
+        if int(override) < 1:
+            raise ValueError("fragment_rows must be >= 1")
+        return int(override)
+    row_bytes = max(1, (src.num_classes or 1) * src.logits_dtype_numpy.itemsize)
+    rows = src.num_rows
+    total = rows * row_bytes if rows is not None else src.bytes
+    target = total / (TASKS_PER_THREAD * max(1, total_threads))
+    target = min(max(target, MIN_FRAGMENT_BYTES), MAX_FRAGMENT_BYTES)
+    return max(1, int(target // row_bytes))
+
+
+def _absolute(fragments: list[Fragment]) -> tuple[list[Fragment], dict]:
+    """Fragments with absolute paths (workers may run elsewhere), and abs -> given path."""
+    names = {}
+    out = []
+    for f in fragments:
+        path = os.path.abspath(f.path)
+        names[path] = f.path
+        out.append(replace(f, path=path))
+    return out, names
+
+
+def _run(client, job: _Job, items, names: dict, on_done) -> dict[int, _Result]:
+    """Submit (index, fragment, part path) items; call on_done(result) as each finishes."""
+    from distributed import as_completed
+
+    token = secrets.token_hex(4)
+    futures = [
+        client.submit(
+            _task,
+            job,
+            index,
+            fragment,
+            part,
+            key=f"xent-{job.kind}-{token}-{index}",
+            retries=RETRIES,
+            priority=-index,  # input order, roughly: the first parts finish first
+        )
+        for index, fragment, part in items
+    ]
+    results: dict[int, _Result] = {}
+    try:
+        for _, result in as_completed(futures, loop=client.loop, with_results=True):
+            if result.error is not None:
+                what, file, row = result.error
+                raise XentInputError(what, file=names.get(file, file), row=row)
+            results[result.index] = result
+            on_done(result)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return results
+
+
+def _total_threads(client) -> int:
+    return sum(client.nthreads().values()) or 1
+
+
+def _thread_plan(client, threads) -> dict:
+    return {} if threads is not None else _host_threads(client)
+
+
+# --------------------------------------------------------------------------------------
+# Public jobs (called from engine.stream with dask=ADDRESS)
+# --------------------------------------------------------------------------------------
+
+
+def evaluate(
+    source,
+    spec: stream.JobSpec,
+    *,
+    logits="logits",
+    target="target",
+    group_by=None,
+    address,
+    progress=False,
+    fragment_rows: int | None = None,
+    threads: int | None = None,
+) -> stream.Report:
+    """`stream.evaluate` on Dask: the same Report (metrics merged exactly)."""
+    src = stream._open(source, logits, target, group_by=group_by, opts=spec.opts)
+    read_dtype = spec.opts.logits_dtype
+    classes = stream._check_classes(src, spec)
+    with connect(address) as client:
+        frags = src.fragments(_fragment_rows(src, client, fragment_rows))
+        frags, names = _absolute(frags)
+        job = _Job(
+            "eval",
+            spec,
+            classes,
+            src.soft_targets,
+            logits,
+            target,
+            group_by=group_by,
+            read_dtype=read_dtype,
+            threads=threads,
+            host_threads=_thread_plan(client, threads),
+        )
+        bar = make_progress(progress, src)
+        start = time.perf_counter()
+        try:
+            results = _run(
+                client,
+                job,
+                [(i, f, None) for i, f in enumerate(frags)],
+                names,
+                lambda r: bar.update(r.rows, r.nbytes),
+            )
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+    state = MetricState(top_k=spec.top_k)
+    warnings: list[str] = []
+    for i in range(len(frags)):  # fragment order: the same sums in the same order each run
+        r = results[i]
+        if state.total.rows == 0 and r.warning:
+            warnings.append(r.warning)  # only the first rows are checked, as locally
+        state.merge(r.state)
+    metrics = stream._finish_metrics(state, spec, classes, src.soft_targets, seconds)
+    return stream.Report(metrics, warnings)
+
+
+def score(
+    source,
+    output,
+    spec: stream.JobSpec,
+    *,
+    keep=(),
+    overwrite=False,
+    resume=False,
+    logits="logits",
+    target="target",
+    address,
+    progress=False,
+    fragment_rows: int | None = None,
+    threads: int | None = None,
+) -> stream.Report:
+    """`stream.score` on Dask: `output` is a directory of parts plus ``_manifest.json``."""
+    keep = stream._as_tuple(keep)
+    src = stream._open(source, logits, target, keep=keep, opts=spec.opts)
+    read_dtype = spec.opts.logits_dtype
+    classes = stream._check_classes(src, spec)
+    job = _Job(
+        "score",
+        spec,
+        classes,
+        src.soft_targets,
+        logits,
+        target,
+        keep=keep,
+        read_dtype=read_dtype,
+        keep_schema=_keep_schema(src, keep),
+        threads=threads,
+    )
+    parts: dict[int, _Result] = {}
+    seconds, _ = _write_parts(
+        src, output, job, address, overwrite, resume, progress, fragment_rows, parts
+    )
+    state = MetricState(top_k=spec.top_k)
+    for i in sorted(parts):  # fragment order
+        state.merge(parts[i].state)
+    metrics = stream._finish_metrics(state, spec, classes, src.soft_targets, seconds)
+    return stream.Report(metrics, output=str(output))
+
+
+def gradients(
+    source,
+    output,
+    spec: stream.JobSpec,
+    *,
+    keep=(),
+    overwrite=False,
+    grad_dtype="float32",
+    grad_output=1.0,
+    logits="logits",
+    target="target",
+    address,
+    progress=False,
+    fragment_rows: int | None = None,
+    threads: int | None = None,
+) -> stream.Report:
+    """`stream.gradients` on Dask: `output` is a directory of ``grad`` parts."""
+    keep = stream._as_tuple(keep)
+    src = stream._open(source, logits, target, keep=keep, opts=spec.opts)
+    read_dtype = spec.opts.logits_dtype
+    classes = stream._check_classes(src, spec)
+    denominators = (None, None)
+    if spec.opts.reduction == "mean":  # global: one pass over the target column, here
+        denominators = stream.global_denominators(src, spec, classes, spec.chunk_rows)
+    job = _Job(
+        "grad",
+        spec,
+        classes,
+        src.soft_targets,
+        logits,
+        target,
+        keep=keep,
+        read_dtype=read_dtype,
+        keep_schema=_keep_schema(src, keep),
+        grad_dtype=grad_dtype,
+        grad_output=grad_output,
+        denominators=denominators,
+        threads=threads,
+    )
+    sums = {"ce": 0.0, "z": 0.0, "rows": 0, "counted": 0, "bytes": 0}
+    parts: dict[int, _Result] = {}
+    seconds, _ = _write_parts(
+        src, output, job, address, overwrite, False, progress, fragment_rows, parts
+    )
+    for i in sorted(parts):  # fragment order
+        r = parts[i]
+        sums["ce"] += r.ce_sum
+        sums["z"] += r.z_sum
+        sums["rows"] += r.rows
+        sums["counted"] += r.counted
+        sums["bytes"] += r.nbytes
+    wsum = denominators[0] if denominators[0] is not None else 0.0
+    reduction = stream._metric_reduction(spec.opts)
+    loss = api.reduce_loss(sums["ce"], sums["z"], wsum, sums["counted"], reduction)
+    rows = sums["rows"]
+    metrics = {
+        "rows": rows,
+        "counted": sums["counted"],
+        "ignored": rows - sums["counted"],
+        "classes": classes,
+        "loss": loss,
+        "seconds": seconds,
+        "rows_per_second": rows / seconds if seconds > 0 else None,
+        "gb_per_second": sums["bytes"] / seconds / 1e9 if seconds > 0 else None,
+    }
+    return stream.Report(metrics, output=str(output))
+
+
+def _keep_schema(src: Source, keep) -> pa.Schema | None:
+    if not keep:
+        return None
+    return pa.schema([src.schema.field(k) for k in keep])
+
+
+def _fragment_rows(src: Source, client, override) -> int:
+    return fragment_rows(src, _total_threads(client), override)
+
+
+def _write_parts(src, output, job, address, overwrite, resume, progress, frag_rows, results):
+    """Run `job` writing one part per fragment into directory `output`, collecting each
+    task's result in `results` (index -> _Result); returns (seconds, total rows). Parts
+    the manifest lists are skipped when resuming."""
+    directory = os.path.abspath(os.fspath(output))
+    suffix = ".arrow" if sinks.output_format(directory) == "arrow" else ".parquet"
+    created = not os.path.exists(directory)
+    # Refuse an existing output (or a file in the way) before reaching for a cluster.
+    writer = sinks.PartsWriter(directory, overwrite=overwrite, resume=resume, suffix=suffix)
+    started = False
+    try:
+        with connect(address) as client:
+            job.host_threads = _thread_plan(client, job.threads)
+            recorded = writer.manifest.get("fragment_rows") if resume else None
+            rows = recorded if isinstance(recorded, int) and recorded > 0 else None
+            if rows is None:
+                rows = _fragment_rows(src, client, frag_rows)
+            frags, names = _absolute(src.fragments(rows))
+            writer.manifest["fragment_rows"] = rows  # a resume must split the same way
+            done = _check_resumable(writer, frags, directory) if resume else {}
+            bar = make_progress(progress, src)
+            for i in sorted(done):
+                bar.update(frags[i].rows, 0)
+            items = [(i, f, writer.part_path(i)) for i, f in enumerate(frags) if i not in done]
+
+            def finished(r: _Result) -> None:
+                writer.record(r.index, r.rows, frags[r.index].first_row)
+                results[r.index] = r
+                bar.update(r.rows, r.nbytes)
+
+            start = time.perf_counter()
+            started = True
+            try:
+                _run(client, job, items, names, finished)
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - start
+    except BaseException:
+        if created and not started:
+            _remove_if_empty(directory)
+        raise
+    _remove_stale_temps(directory)
+    total = sum(f.rows for f in frags)
+    writer.finalize(src.num_rows if src.num_rows is not None else total)
+    return seconds, total
+
+
+def _check_resumable(writer: sinks.PartsWriter, frags: list[Fragment], directory: str) -> dict:
+    """The finished parts, after checking they cover the same rows as these fragments."""
+    done = writer.completed()
+    listed = writer.manifest["parts"]
+    for i, rows in done.items():
+        first = listed[str(i)].get("first_row")
+        if i >= len(frags) or rows != frags[i].rows or first != frags[i].first_row:
+            raise XentInputError(
+                "cannot resume: its parts split the input differently (written by another "
+                "job or another --dask fragment size); use --overwrite",
+                file=directory,
+            )
+    return done
+
+
+def _remove_stale_temps(directory: str) -> None:
+    """Temporary part files of attempts that died with their worker (every part is done)."""
+    for name in os.listdir(directory):
+        if name.startswith(".part-") and ".tmp-" in name:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _remove_if_empty(directory: str) -> None:
+    try:
+        names = os.listdir(directory)
+        if all(n == sinks.MANIFEST for n in names):
+            for n in names:
+                os.unlink(os.path.join(directory, n))
+            os.rmdir(directory)
+    except OSError:
+        pass
+
+
+__all__ = ["connect", "evaluate", "fragment_rows", "gradients", "parse_address", "score"]
