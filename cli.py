@@ -1146,8 +1146,11 @@ def format_inspect(info: dict) -> str:
     ws = info.get("warnings") or []
     lines.append("")
     if ws:
+        import textwrap
+
         lines.append(f"warnings ({len(ws)}):")
-        lines.extend(f"  - {w}" for w in ws)
+        for w in ws:
+            lines.extend(textwrap.wrap(w, 88, initial_indent="  - ", subsequent_indent="    "))
     else:
         lines.append("no warnings")
     return "\n".join(lines)

@@ -301,7 +301,8 @@ def _hard_steps(ex: Explanation, x, p, logp, w) -> list[str]:
         s.append(f"     = {fmt(-logp[y])}")
     else:
         s.append("loss = -x[class]")
-        s.append(f"     = {_neg(x[y])}")
+        if _neg(x[y]) != fmt(-x[y]):
+            s.append(f"     = {_neg(x[y])}")
         s.append(f"     = {fmt(-x[y])}")
     if w is not None:
         s.append(
