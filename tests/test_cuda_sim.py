@@ -74,3 +74,60 @@ def test_import_is_lazy_and_missing_gpu_raises_one_clear_error():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() in ("STUB", "GPU")
+
+
+_PTX_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from numba import cuda, types as T
+    import numba.cuda.dispatcher as dispatcher
+    import engine.kernels.cuda as K
+
+    class _Hopper:  # device functions ask the current device for its compute capability
+        compute_capability = (9, 0)
+
+    dispatcher.get_current_device = lambda: _Hopper()
+    K._build()
+
+    def sigs(F, X):
+        a1, a2 = T.Array(F, 1, "C"), T.Array(F, 2, "C")
+        x2, i1, i = T.Array(X, 2, "C"), T.Array(T.int64, 1, "C"), T.int64
+        loss = (x2, i1, a2, a1, a1, a1, a2, a1, a1, i, i, i, i, i, F, F, F, F, i)
+        stats = (x2, i1, a2, a1, a1, a1, a1, i1, a1, a1, i1, a1, i, i, i, i, i, F, F, F, F)
+        return loss, stats
+
+    try:
+        cuda.compile_ptx(lambda a: None, (T.float32[::1],), cc=(9, 0))
+    except Exception as e:  # no NVVM / libdevice / NVRTC: nothing to check here
+        print("NO-TOOLKIT", type(e).__name__)
+        raise SystemExit(0)
+    variants = [(False, T.float32, T.float32), (False, T.float32, T.float16),
+                (True, T.float32, T.uint16), (False, T.float64, T.float64)]
+    for bf16, F, X in variants:
+        kernels = K._kernels(bf16, np.dtype(str(F)))
+        for name, kernel, sig in zip(("loss", "stats"), kernels, sigs(F, X)):
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+            assert "shfl.sync" in ptx, name
+            if F == T.float32:  # no silent promotion to float64 on the float32 path
+                assert ".f64" not in ptx, (name, X)
+            print(name, X, "ok")
+    print("PTX-OK")
+    """
+)
+
+
+def test_kernels_compile_to_ptx_when_a_toolkit_is_present():
+    """Types and lowers every kernel variant for sm_90 without a GPU (needs NVVM/libdevice:
+    the nvidia-cuda-nvcc and nvidia-cuda-nvrtc wheels, or a CUDA toolkit)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
+    if "NO-TOOLKIT" in proc.stdout:
+        pytest.skip("no CUDA toolkit (NVVM/libdevice) to compile PTX with")
+    assert "PTX-OK" in proc.stdout, proc.stdout

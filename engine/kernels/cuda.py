@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -745,6 +746,15 @@ def _device_logits(p: Problem) -> np.ndarray:
     return x
 
 
+def _quiet_launch_warnings() -> None:
+    """Small chunks are legitimate here: no 'grid size will under-utilize' warnings."""
+    try:
+        from numba.core.errors import NumbaPerformanceWarning
+    except Exception:  # pragma: no cover
+        return
+    warnings.simplefilter("ignore", NumbaPerformanceWarning)
+
+
 def _scalar(compute: np.dtype, v) -> np.generic:
     return compute.type(v)
 
@@ -812,71 +822,77 @@ def _run(p: Problem, mode: str, scale=None, zscale=None, out=None):
             if grad:
                 writer(out[r0:r1], host_out["grad"][:k])
 
-        for ci, r0 in enumerate(range(0, n, R)):
-            slot = ci & 1
-            st = streams[slot]
-            finish(slot)  # the slot's buffers are free again once its last chunk is in
-            r1 = min(n, r0 + R)
-            k = r1 - r0
-            hx = _POOL.get("x", slot, (R, C), xin.dtype, True)[:k]
-            dx = _POOL.get("x", slot, (R, C), xin.dtype, False)[:k]
-            np.copyto(hx, xin[r0:r1])
-            dx.copy_to_device(hx, stream=st)
-            if soft:
-                ht = _POOL.get("t", slot, (R, C), compute, True)[:k]
-                dt = _POOL.get("t", slot, (R, C), compute, False)[:k]
-                np.copyto(ht, p.t[r0:r1], casting="same_kind")
-                dt.copy_to_device(ht, stream=st)
-                dy = dummy_y
-            else:
-                hy = _POOL.get("y", slot, (R,), np.int64, True)[:k]
-                dy = _POOL.get("y", slot, (R,), np.int64, False)[:k]
-                np.copyto(hy, p.y[r0:r1], casting="same_kind")
-                dy.copy_to_device(hy, stream=st)
-                dt = dummy_2d
-            host_out = {}
-            dev_out = {}
-            for f in fields:
-                dtp = np.int64 if f in int_fields else compute
-                host_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, True)[:k]
-                dev_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, False)[:k]
-            grid, block, T = launch_shape(k, C, cfg)
-            common = (k, C, T, p.kind, int(soft), eps, zeta, cap, tiny)
-            if mode == "stats":
-                stats_k[grid, block, st](
-                    dx, dy, dt, w_dev,
-                    *(dev_out[f] for f in fields[:7]),
-                    dev_out["kl"] if soft else dummy_1d,
-                    *common,
-                )  # fmt: skip
-            else:
-                if grad:
-                    hs = _POOL.get("scale", slot, (R,), compute, True)[:k]
-                    hz = _POOL.get("zscale", slot, (R,), compute, True)[:k]
-                    ds = _POOL.get("scale", slot, (R,), compute, False)[:k]
-                    dz = _POOL.get("zscale", slot, (R,), compute, False)[:k]
-                    np.copyto(hs, scale[r0:r1])
-                    np.copyto(hz, zscale[r0:r1])
-                    ds.copy_to_device(hs, stream=st)
-                    dz.copy_to_device(hz, stream=st)
-                    dg = _POOL.get("g", slot, (R, C), compute, False)[:k]
-                    host_out["grad"] = _POOL.get("g", slot, (R, C), compute, True)[:k]
-                else:
-                    ds = dz = dummy_1d
-                    dg = dummy_2d
-                loss_k[grid, block, st](
-                    dx, dy, dt, w_dev, ds, dz, dg, dev_out["loss"], dev_out["lse"],
-                    *common, int(grad),
-                )  # fmt: skip
-                if grad:
-                    dg.copy_to_host(host_out["grad"], stream=st)
-            for f in fields:
-                dev_out[f].copy_to_host(host_out[f], stream=st)
-            pending[slot] = (r0, r1, host_out)
-        # drain in chunk order
-        first = (len(range(0, n, R)) - 1) & 1
-        finish(first ^ 1)
-        finish(first)
+        nchunks = (n + R - 1) // R
+        with warnings.catch_warnings():
+            _quiet_launch_warnings()
+            try:
+                for ci, r0 in enumerate(range(0, n, R)):
+                    slot = ci & 1
+                    st = streams[slot]
+                    finish(slot)  # the slot's buffers are free again once its last chunk is in
+                    r1 = min(n, r0 + R)
+                    k = r1 - r0
+                    hx = _POOL.get("x", slot, (R, C), xin.dtype, True)[:k]
+                    dx = _POOL.get("x", slot, (R, C), xin.dtype, False)[:k]
+                    np.copyto(hx, xin[r0:r1])
+                    dx.copy_to_device(hx, stream=st)
+                    if soft:
+                        ht = _POOL.get("t", slot, (R, C), compute, True)[:k]
+                        dt = _POOL.get("t", slot, (R, C), compute, False)[:k]
+                        np.copyto(ht, p.t[r0:r1], casting="same_kind")
+                        dt.copy_to_device(ht, stream=st)
+                        dy = dummy_y
+                    else:
+                        hy = _POOL.get("y", slot, (R,), np.int64, True)[:k]
+                        dy = _POOL.get("y", slot, (R,), np.int64, False)[:k]
+                        np.copyto(hy, p.y[r0:r1], casting="same_kind")
+                        dy.copy_to_device(hy, stream=st)
+                        dt = dummy_2d
+                    host_out = {}
+                    dev_out = {}
+                    for f in fields:
+                        dtp = np.int64 if f in int_fields else compute
+                        host_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, True)[:k]
+                        dev_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, False)[:k]
+                    grid, block, T = launch_shape(k, C, cfg)
+                    common = (k, C, T, p.kind, int(soft), eps, zeta, cap, tiny)
+                    if mode == "stats":
+                        stats_k[grid, block, st](
+                            dx, dy, dt, w_dev,
+                            *(dev_out[f] for f in fields[:7]),
+                            dev_out["kl"] if soft else dummy_1d,
+                            *common,
+                        )  # fmt: skip
+                    else:
+                        if grad:
+                            hs = _POOL.get("scale", slot, (R,), compute, True)[:k]
+                            hz = _POOL.get("zscale", slot, (R,), compute, True)[:k]
+                            ds = _POOL.get("scale", slot, (R,), compute, False)[:k]
+                            dz = _POOL.get("zscale", slot, (R,), compute, False)[:k]
+                            np.copyto(hs, scale[r0:r1])
+                            np.copyto(hz, zscale[r0:r1])
+                            ds.copy_to_device(hs, stream=st)
+                            dz.copy_to_device(hz, stream=st)
+                            dg = _POOL.get("g", slot, (R, C), compute, False)[:k]
+                            host_out["grad"] = _POOL.get("g", slot, (R, C), compute, True)[:k]
+                        else:
+                            ds = dz = dummy_1d
+                            dg = dummy_2d
+                        loss_k[grid, block, st](
+                            dx, dy, dt, w_dev, ds, dz, dg, dev_out["loss"], dev_out["lse"],
+                            *common, int(grad),
+                        )  # fmt: skip
+                        if grad:
+                            dg.copy_to_host(host_out["grad"], stream=st)
+                    for f in fields:
+                        dev_out[f].copy_to_host(host_out[f], stream=st)
+                    pending[slot] = (r0, r1, host_out)
+                last = (nchunks - 1) & 1  # drain in chunk order
+                finish(last ^ 1)
+                finish(last)
+            finally:  # never leave copies in flight into buffers the pool hands out again
+                for st in streams:
+                    st.synchronize()
     return results
 
 

@@ -235,9 +235,10 @@ def test_options(rng, case, classes):
     assert np.all(out["stats"]["target_rank"][~counted] == -1)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("smoothing", [0.0, 0.15])
-@pytest.mark.parametrize("classes", [7, 130])
+@pytest.mark.parametrize(
+    "weighted,smoothing,classes",
+    [(False, 0.0, 33), (True, 0.15, 33), (True, 0.15, 130), (False, 0.15, 130)],
+)
 def test_soft_targets(rng, weighted, smoothing, classes):
     x, _ = inputs(rng, 4, classes)
     t = soft_targets(rng, 4, classes)
@@ -263,14 +264,14 @@ def test_float64(rng, classes):
     check(x, y, label_smoothing=0.1, z_loss=1e-4, weight=rng.uniform(0.5, 2, classes))
 
 
-@pytest.mark.parametrize("classes", [7, 130])
+@pytest.mark.parametrize("classes", [33])
 def test_float16_bits(rng, classes):
     x, y = inputs(rng, 4, classes, dtype=np.float16)
     x[0, 0] = np.float16(6e-8)  # a subnormal half
     check(x, y, label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("classes", [7, 130])
+@pytest.mark.parametrize("classes", [130])
 def test_bfloat16_bits(rng, classes):
     x, y = inputs(rng, 4, classes)
     bits = dtypes.float32_to_bf16_bits(x)
@@ -401,18 +402,18 @@ def test_grad_out_validation(rng):
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_chunked_pipeline_gives_identical_bits(rng, launch, monkeypatch, soft):
-    x, y = inputs(rng, 7, 33)
-    target = soft_targets(rng, 7, 33) if soft else y
+    x, y = inputs(rng, 5, 33)
+    target = soft_targets(rng, 5, 33) if soft else y
     p = problem(x, target, label_smoothing=0.1)
     whole = (K.forward(p), K.stats(p))
     g_whole = np.empty_like(x)
-    K.forward_grad(p, np.ones(7), np.ones(7), g_whole)
-    # 2 rows per chunk: 4 chunks over both streams / staging slots
+    K.forward_grad(p, np.ones(5), np.ones(5), g_whole)
+    # 2-3 rows per chunk: 2-3 chunks taking turns on both streams / staging slots
     monkeypatch.setattr(launch, "chunk_bytes", 2 * 33 * (4 + 4 + 4))
     loss, lse = K.forward(p)
     st = K.stats(p)
     g = np.empty_like(x)
-    K.forward_grad(p, np.ones(7), np.ones(7), g)
+    K.forward_grad(p, np.ones(5), np.ones(5), g)
     np.testing.assert_array_equal(loss, whole[0][0])
     np.testing.assert_array_equal(lse, whole[0][1])
     for key, v in st.items():
