@@ -18,12 +18,16 @@ Launch configuration
   order, so every thread of the row holds bit-identical row results (pass 2 needs them).
 
 Pass 1 is one read of the row with an *online* max/sum per thread (Milakov & Gimelshein):
-``m`` the running max, ``s = Σ exp(u - m)`` rescaled when ``m`` grows, plus the linear sums
-the loss needs (``a = Σ c_j (u_j - m)``, ``b = Σ c_j`` for smoothing / soft targets), kept
-relative to ``m`` so that ``Σ c_j (lse - u_j) = b·log(s) - a`` has no cancellation. The
-thread partials are aligned on the row max, then summed. Pass 2 (gradient only) re-reads the
-row and writes ``d loss / d x`` reusing the row's lse: no second reduction. 2-D indexing
-``x[r, j]`` is computed in 64-bit (Numba's intp), so rows × classes may exceed 2**31.
+``m`` the running max and ``s = Σ exp(u - m)`` over the thread's elements *except one
+maximal one* (whose term is exactly 1), rescaled when ``m`` grows, plus the linear sums the
+loss needs (``a = Σ c_j (u_j - m)``, ``b = Σ c_j`` for smoothing / soft targets). The row
+max and the lowest lane holding it come from one arg-max reduction; the other lanes fold
+their own max element back in and align on the row max, then ``S, A, B`` are plain sums.
+So ``lse = M + log1p(S)`` and ``Σ c_j (lse - u_j) = B·log1p(S) - A`` keep float32's relative
+accuracy on confident rows (no ``log(1 + tiny)``, no cancellation), and the target's
+gradient uses ``expm1`` for ``p_y - 1``. Pass 2 (gradient only) re-reads the row and writes
+``d loss / d x`` reusing the row's lse: no second reduction. 2-D indexing ``x[r, j]`` is
+computed in 64-bit (Numba's intp), so rows × classes may exceed 2**31.
 
 Memory traffic per row (s = logit bytes: 2 for float16/bfloat16, 4 float32, 8 float64;
 F = compute bytes, 4 or 8):

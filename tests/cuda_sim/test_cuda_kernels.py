@@ -486,3 +486,20 @@ def test_llm_shape_on_gpu(rng, launch, monkeypatch, dtype):
         check(dtypes.float32_to_bf16_bits(x), y, logits_dtype="bfloat16", label_smoothing=0.1)
     else:
         check(x, y, label_smoothing=0.1, z_loss=1e-4)
+
+
+def test_public_api_on_device_cuda(rng):
+    import engine
+
+    x, y = inputs(rng, 4, 33)
+    y[1] = -100
+    opts = dict(label_smoothing=0.1, z_loss=1e-4)
+    loss = engine.cross_entropy(x, y, device="cuda", **opts)
+    assert loss == pytest.approx(R.cross_entropy(x, y, **opts), rel=2e-6)
+    h = x.astype(np.float16)
+    loss, grad = engine.cross_entropy_grad(h, y, device="cuda", out=h, **opts)
+    _, ref = R.cross_entropy_grad(x.astype(np.float16), y, **opts)
+    assert grad is h
+    grad_close(h, ref, 1e-3)
+    st = engine.row_stats(x, y, device="cuda")
+    np.testing.assert_array_equal(st.argmax, np.argmax(x, axis=1))
