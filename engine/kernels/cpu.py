@@ -133,10 +133,12 @@ def _block_max(row, lo, hi, w):
 
     NaN never wins a comparison, so it is skipped here and surfaces in the exp sum.
     """
+    row = row[lo:hi]  # a slice, so indices start at 0: no negative-index wraparound checks
+    hi = row.shape[0]  # (those checks alone stop LLVM from vectorising these loops)
     ninf = as_t(-np.inf, w)
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf
     m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = ninf
-    j = lo
+    j = 0
     while j + 16 <= hi:
         v = widen(row[j])
         m0 = v if v > m0 else m0
@@ -191,7 +193,8 @@ def _block_sumexp(row, lo, hi, bm, w):
     rest = as_t(0.0, w)
     one = as_t(1.0, w)
     zero = as_t(0.0, w)
-    for j in range(lo, hi):
+    row = row[lo:hi]  # see _block_max: sliced loops vectorise, offset ones do not
+    for j in range(row.shape[0]):
         e = vexp(widen(row[j]) - bm)
         big = e >= one
         ones += one if big else zero
@@ -207,7 +210,8 @@ def _block_sumexp_entropy(row, lo, hi, bm, w):
     h = as_t(0.0, w)
     one = as_t(1.0, w)
     zero = as_t(0.0, w)
-    for j in range(lo, hi):
+    row = row[lo:hi]
+    for j in range(row.shape[0]):
         d = bm - widen(row[j])
         e = vexp(-d)
         big = e >= one
@@ -226,15 +230,18 @@ def _block_deviation(row, lo, hi, bm, w, t, c1, c0):
     a = as_t(0.0, w)
     total = as_t(0.0, w)
     zero = as_t(0.0, w)
+    row = row[lo:hi]
+    wb = w[lo:hi]
     if t.shape[0] == 0:
-        for j in range(lo, hi):
-            u = w[j]
+        for j in range(row.shape[0]):
+            u = wb[j]
             d = bm - widen(row[j])
             a += u * d if u != zero else zero
             total += u
     else:
-        for j in range(lo, hi):
-            u = w[j] * (c1 * t[j] + c0)
+        tb = t[lo:hi]
+        for j in range(row.shape[0]):
+            u = wb[j] * (c1 * tb[j] + c0)
             d = bm - widen(row[j])
             a += u * d if u != zero else zero
             total += u
