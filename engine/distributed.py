@@ -112,19 +112,27 @@ def _task(job: _Job, index: int, fragment: Fragment, part_path: str | None) -> _
             logits_dtype=job.read_dtype,
         )
         if job.kind == "grad":
-            return _grad_fragment(job, index, src, kernels, part_path)
-        return _eval_fragment(job, index, src, kernels, part_path)
+            return _grad_fragment(job, index, src, kernels, part_path, fragment)
+        return _eval_fragment(job, index, src, kernels, part_path, fragment)
     except XentInputError as e:
         return _Result(index, error=(e.what, e.file, e.row))
 
 
-def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path) -> _Result:
+def _chunks(src: Source, spec: stream.JobSpec, fragment: Fragment):
+    """The fragment's chunks; read on this thread when it is one chunk (nothing to overlap,
+    and starting reader threads would cost more than the read of a small fragment)."""
+    chunk_rows = spec.chunk_rows or src.default_chunk_rows()
+    readahead = 0 if fragment.rows <= chunk_rows else 2
+    return src.iter_chunks(chunk_rows=chunk_rows, readahead=readahead)
+
+
+def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragment) -> _Result:
     spec = job.spec
     state = MetricState(top_k=spec.top_k)
     warning = None
     sink = sinks.Sink(part_path, overwrite=True) if part_path else None
     try:
-        for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
+        for chunk in _chunks(src, spec, fragment):
             if warning is None and state.total.rows == 0:  # as stream.evaluate does
                 warning = stream._probability_warning(chunk, spec)
             stats = stream.eval_chunk(chunk, spec, job.classes, state, kernels)
@@ -143,12 +151,12 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path) -> _R
     )
 
 
-def _grad_fragment(job: _Job, index: int, src: Source, kernels, part_path) -> _Result:
+def _grad_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragment) -> _Result:
     spec = job.spec
     ce_sum = z_sum = 0.0
     rows = counted = nbytes = 0
     with sinks.Sink(part_path, overwrite=True) as sink:
-        for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
+        for chunk in _chunks(src, spec, fragment):
             targets, loss, lse, grad = stream.grad_chunk(
                 chunk, spec, job.classes, kernels, job.denominators, job.grad_output
             )
@@ -353,12 +361,14 @@ def _run(client, job: _Job, items, names: dict, on_done) -> dict[int, _Result]:
     ]
     results: dict[int, _Result] = {}
     try:
-        for _, result in as_completed(futures, loop=client.loop, with_results=True):
-            if result.error is not None:
-                what, file, row = result.error
-                raise XentInputError(what, file=names.get(file, file), row=row)
-            results[result.index] = result
-            on_done(result)
+        # Results of the tasks that finished together come in one round trip.
+        for batch in as_completed(futures, loop=client.loop).batches():
+            for result in client.gather(batch):
+                if result.error is not None:
+                    what, file, row = result.error
+                    raise XentInputError(what, file=names.get(file, file), row=row)
+                results[result.index] = result
+                on_done(result)
     except BaseException:
         client.cancel(futures)
         raise
