@@ -79,6 +79,7 @@ class _Job:
     grad_dtype: str = "float32"
     grad_output: float = 1.0
     denominators: tuple = (None, None)
+    warn_index: int | None = None  # the fragment with the first rows: checks for probs
     threads: int | None = None  # Numba threads per task; None: cores / busy threads
     host_threads: dict = field(default_factory=dict)  # host -> worker threads there
 
@@ -133,8 +134,8 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
     sink = sinks.Sink(part_path, overwrite=True) if part_path else None
     try:
         for chunk in _chunks(src, spec, fragment):
-            if warning is None and state.total.rows == 0:  # as stream.evaluate does
-                warning = stream._probability_warning(chunk, spec)
+            if index == job.warn_index and warning is None and state.total.rows == 0:
+                warning = stream._probability_warning(chunk, spec)  # as stream.evaluate
             stats = stream.eval_chunk(chunk, spec, job.classes, state, kernels)
             if sink is not None:
                 sink.write(sinks.score_table(stats, chunk.keep, job.soft))
@@ -416,6 +417,7 @@ def evaluate(
             target,
             group_by=group_by,
             read_dtype=read_dtype,
+            warn_index=next((i for i, f in enumerate(frags) if f.rows), None),
             threads=threads,
             host_threads=_thread_plan(client, threads),
         )
@@ -433,12 +435,10 @@ def evaluate(
             bar.close()
         seconds = time.perf_counter() - start
     state = MetricState(top_k=spec.top_k)
-    warnings: list[str] = []
     for i in range(len(frags)):  # fragment order: the same sums in the same order each run
-        r = results[i]
-        if state.total.rows == 0 and r.warning:
-            warnings.append(r.warning)  # only the first rows are checked, as locally
-        state.merge(r.state)
+        state.merge(results[i].state)
+    first = results.get(job.warn_index)  # only the first rows are checked, as locally
+    warnings = [first.warning] if first is not None and first.warning else []
     metrics = stream._finish_metrics(state, spec, classes, src.soft_targets, seconds)
     return stream.Report(metrics, warnings)
 
