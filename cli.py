@@ -91,6 +91,8 @@ def _handle_errors(ctx: click.Context):
             raise
         click.echo("Interrupted", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        raise  # `xent ... | head`: click ends quietly
     except Exception as e:
         if _debug(ctx) or not isinstance(e, _user_error_types()):
             raise
@@ -1150,7 +1152,16 @@ def format_inspect(info: dict) -> str:
 
         lines.append(f"warnings ({len(ws)}):")
         for w in ws:
-            lines.extend(textwrap.wrap(w, 88, initial_indent="  - ", subsequent_indent="    "))
+            w = re.sub(r"(--[\w-]+) (?=[\w-])", "\\1\u00a0", w)  # keep '--flag value' together
+            wrapped = textwrap.wrap(
+                w,
+                88,
+                initial_indent="  - ",
+                subsequent_indent="    ",
+                break_on_hyphens=False,
+                break_long_words=False,
+            )
+            lines.extend(line.replace("\u00a0", " ") for line in wrapped)
     else:
         lines.append("no warnings")
     return "\n".join(lines)
