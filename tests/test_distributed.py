@@ -343,3 +343,33 @@ def test_fragment_rows_auto(data, monkeypatch):
     row_bytes = CLASSES * 4
     assert xdist.fragment_rows(src, 2) == xdist.MIN_FRAGMENT_BYTES // row_bytes
     assert xdist.fragment_rows(src, 2, override=10) == 10
+
+
+@pytest.mark.parametrize("fmt", ["arrow-file", "arrow-stream"])
+def test_ipc_files_are_whole_fragments(tmp_path, address, fmt):
+    rng = np.random.default_rng(11)
+    for name in "abc":
+        x = rng.standard_normal((50, 9)).astype(np.float32)
+        write_dataset(tmp_path / f"{name}.arrow", x, rng.integers(0, 9, 50), fmt=fmt)
+    local = engine.evaluate(str(tmp_path), device="cpu").to_dict()
+    remote = engine.evaluate(str(tmp_path), device="cpu", dask=address).to_dict()
+    assert remote["rows"] == 150
+    _assert_same(local, remote)
+
+
+def test_empty_file_among_others(tmp_path, address):
+    rng = np.random.default_rng(13)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, rows in (("a", 70), ("b", 0), ("c", 40)):
+        x = rng.standard_normal((rows, 9)).astype(np.float32)
+        ids = np.arange(rows, dtype=np.int64)
+        write_dataset(src / f"{name}.parquet", x, rng.integers(0, 9, rows), columns={"id": ids})
+    local_out = tmp_path / "local.parquet"
+    local = engine.score(str(src), local_out, keep=["id"], device="cpu")
+    out = tmp_path / "scores"
+    remote = engine.score(str(src), out, keep=["id"], device="cpu", dask=address)
+    table, manifest = _read_parts(out)
+    _assert_tables_equal(table, pq.read_table(local_out))
+    assert manifest["total_rows"] == 110
+    _assert_same(local.to_dict(), remote.to_dict())
