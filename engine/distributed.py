@@ -277,6 +277,10 @@ def connect(address):
             )
             client = distributed.Client(cluster, set_as_default=False)
         else:
+            scheme = value.split("://", 1)[0] if "://" in value else "tcp"
+            if scheme not in ("tcp", "tls", "ucx", "inproc", "ws", "wss"):
+                # checked before Client(): a half-built Client hangs at exit in __del__
+                raise XentInputError(f"unknown Dask address scheme '{scheme}://'", file=value)
             try:
                 client = distributed.Client(value, timeout=timeout, set_as_default=False)
             except Exception as e:  # refused, timed out, unresolvable host, bad scheme
