@@ -183,23 +183,43 @@ def _block_max(row, lo, hi, w):
 
 
 @njit(**_JIT)
-def _block_sumexp(row, lo, hi, bm, w):
+def _block_sumexp(row, lo, hi, bm, w, store):
     """Σ exp(z - bm), split as (count of exact 1s, sum of the rest).
 
     The max element contributes exactly 1; keeping it out of the float32 sum lets
     log S = log1p(...) stay accurate for confident rows whose loss is ~1e-5.
+    A non-empty ``store`` also receives each exp(z - bm) (the gradient pass then needs a
+    multiply per element instead of a second exp).
     """
     ones = as_t(0.0, w)
     rest = as_t(0.0, w)
     one = as_t(1.0, w)
     zero = as_t(0.0, w)
     row = row[lo:hi]  # see _block_max: sliced loops vectorise, offset ones do not
-    for j in range(row.shape[0]):
-        e = vexp(widen(row[j]) - bm)
-        big = e >= one
-        ones += one if big else zero
-        rest += zero if big else e
+    if store.shape[0] == 0:
+        for j in range(row.shape[0]):
+            e = vexp(widen(row[j]) - bm)
+            big = e >= one
+            ones += one if big else zero
+            rest += zero if big else e
+    else:
+        sb = store[lo:hi]
+        for j in range(row.shape[0]):
+            e = vexp(widen(row[j]) - bm)
+            sb[j] = e
+            big = e >= one
+            ones += one if big else zero
+            rest += zero if big else e
     return ones, rest
+
+
+@njit(**_JIT)
+def _block_has_nan(row, lo, hi):
+    for j in range(lo, hi):
+        v = widen(row[j])
+        if v != v:
+            return True
+    return False
 
 
 @njit(**_JIT)
@@ -252,12 +272,15 @@ def _block_deviation(row, lo, hi, bm, w, t, c1, c0):
 
 
 @njit(**_JIT)
-def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy):
+def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy, store, bms):
     """Online merge of the blocks of one row, in float64.
 
     Returns (M, S, D, U, H): max, Σ exp(z-M), Σ u·(M-z), Σ u, Σ exp(z-M)·(M-z).
+    With a non-empty ``store``, exp(z - block max) lands there and ``bms`` gets each
+    block's max, so the gradient pass can rescale instead of recomputing exp.
     """
     n = row.shape[0]
+    keep = store.shape[0] != 0
     M = -np.inf
     S = 0.0
     D = 0.0
@@ -265,10 +288,14 @@ def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy):
     H = 0.0
     wsum_bm = 0.0  # Σ_blocks U_b·bm, to move deviations from block max to the row max
     lo = 0
+    b = 0
     while lo < n:
         hi = min(lo + BLOCK, n)
         bm = _block_max(row, lo, hi, w)
         bm64 = np.float64(bm)
+        if keep:
+            bms[b] = bm64
+        b += 1
         if want_dev:
             a, ub = _block_deviation(row, lo, hi, bm, w, t, c1, c0)
             D += np.float64(a)
@@ -279,7 +306,7 @@ def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy):
                 ones, rest, h = _block_sumexp_entropy(row, lo, hi, bm, w)
                 h64 = np.float64(h)
             else:
-                ones, rest = _block_sumexp(row, lo, hi, bm, w)
+                ones, rest = _block_sumexp(row, lo, hi, bm, w, store)
                 h64 = 0.0
             s64 = np.float64(ones) + np.float64(rest)
             if M == -np.inf:  # first block with a finite max
@@ -295,12 +322,25 @@ def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy):
                 r = math.exp(bm64 - M)
                 H += (h64 + s64 * (M - bm64)) * r
                 S += s64 * r
-        elif bm64 > M:
-            M = bm64  # NaN / masked-only block: keep the max for the deviation terms
+        else:
+            # nothing finite in this block: NaN must still poison the row, -inf adds 0
+            if want_sum and _block_has_nan(row, lo, hi):
+                S = np.nan
+            if keep:
+                _fill(store, lo, hi, S if S != S else 0.0, w)
+            if bm64 > M:
+                M = bm64
         lo = hi
     if want_dev and U != 0.0:
         D += U * M - wsum_bm
     return M, S, D, U, H
+
+
+@njit(**_JIT)
+def _fill(out, lo, hi, value, w):
+    v = as_t(value, w)
+    for j in range(lo, hi):
+        out[j] = v
 
 
 @njit(**_JIT)
@@ -317,14 +357,18 @@ def _transform_row(row, scratch, cap, kind):
 
 
 @njit(**_JIT)
-def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse):
-    """(loss, lse used, M, S) of one counted row; z is the (transformed) row."""
+def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse, store, bms):
+    """(loss, lse used, M, S, z_y) of one counted row; z is the (transformed) row.
+
+    ``store``/``bms``: see _row_reduce (may alias z: z_y is read before anything is stored).
+    """
     C = z.shape[0]
     soft = t.shape[0] != 0
     c1 = 1.0 - eps
     c0 = eps / C
     want_dev = soft or eps != 0.0
-    M, S, D, U, _ = _row_reduce(z, w, t, c1, c0, want_lse, want_dev, False)
+    zy = 0.0 if soft else np.float64(widen(z[yi]))
+    M, S, D, U, _ = _row_reduce(z, w, t, c1, c0, want_lse, want_dev, False, store, bms)
     if not want_lse:
         if not want_dev:
             M = 0.0
@@ -335,13 +379,65 @@ def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse):
     if soft:
         loss = D + U * shift
     else:
-        zy = np.float64(widen(z[yi]))
         loss = (1.0 - eps) * w[yi] * ((M - zy) + shift)
         if eps != 0.0:
             loss += c0 * (D + W * shift)
     if zeta != 0.0:
         loss += zeta * L * L
-    return loss, L, M, S
+    return loss, L, M, S, zy
+
+
+@njit(**_JIT)
+def _row_grad_stored(out, w, t, yi, eps, zeta, W, L, M, S, zy, scale, zscale, bms):
+    """Gradient of a logits row whose exp(z - block max) values already sit in ``out``.
+
+    g_j = K·e_j·exp(bm_b - M)/S - scale·coef_j: one multiply-add per element.
+    """
+    C = out.shape[0]
+    soft = t.shape[0] != 0
+    c1 = 1.0 - eps
+    c0 = eps / C
+    zterm = zscale * 2.0 * zeta * L
+    K64 = (scale * W if soft else scale * (c1 * w[yi] + c0 * W)) + zterm
+    invS = 1.0 / S
+    se = as_t(scale * c0, w)
+    sc1 = as_t(scale * c1, w)
+    lo = 0
+    b = 0
+    while lo < C:
+        hi = min(lo + BLOCK, C)
+        f = as_t(K64 * math.exp(bms[b] - M) * invS, w)
+        ob = out[lo:hi]
+        wb = w[lo:hi]
+        if soft:
+            tb = t[lo:hi]
+            for j in range(ob.shape[0]):
+                ob[j] = f * ob[j] - wb[j] * (sc1 * tb[j] + se)
+        elif eps != 0.0:
+            for j in range(ob.shape[0]):
+                ob[j] = f * ob[j] - se * wb[j]
+        else:
+            for j in range(ob.shape[0]):
+                ob[j] = f * ob[j]
+        lo = hi
+        b += 1
+    if not soft:
+        _write_target_grad(out, w, yi, c1, c0, W, S, M, zy, zterm, scale, 0.0)
+
+
+@njit(**_JIT)
+def _write_target_grad(out, w, yi, c1, c0, W, S, M, zy, zterm, scale, cap):
+    """The target entry in float64: p_y - 1 = -(S - e_y)/S cancels badly in float32."""
+    invS = 1.0 / S
+    e_y = math.exp(zy - M)
+    p_y = e_y * invS
+    wy = np.float64(w[yi])
+    gy = scale * c1 * wy * (-(S - e_y) * invS)
+    gy += (scale * c0 * W + zterm) * p_y - scale * c0 * wy
+    if cap != 0.0:
+        c = zy / cap
+        gy = gy * (1.0 - c * c)
+    narrow(out, yi, as_t(gy, w))
 
 
 @njit(**_JIT)
@@ -391,16 +487,7 @@ def _row_grad(z, raw, out, w, t, yi, eps, zeta, kind, W, cap, L, M, S, scale, zs
             for j in range(C):
                 narrow(out, j, K * vexp(widen(z[j]) - Mt))
         if not soft:
-            # the target entry in float64: p_y - 1 = -(S - e_y)/S cancels badly in float32
-            e_y = math.exp(zy - M)
-            p_y = e_y * invS
-            wy = np.float64(w[yi])
-            gy = scale * c1 * wy * (-(S - e_y) * invS)
-            gy += (scale * c0 * W + zterm) * p_y - scale * c0 * wy
-            if cap != 0.0:
-                c = zy / cap
-                gy = gy * (1.0 - c * c)
-            narrow(out, yi, as_t(gy, w))
+            _write_target_grad(out, w, yi, c1, c0, W, S, M, zy, zterm, scale, cap)
     else:
         # NLLLoss-style inputs: d/dlogp = -coef; probs add the chain rule 1/p (0 below tiny).
         tiny = tiny_of(w)
@@ -440,6 +527,8 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
+        none = w[0:0]  # no stored exps in a forward pass
+        bms = np.empty(0)
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if yi < 0:  # not counted: skipped entirely
@@ -451,18 +540,26 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
                 Wi = 0.0  # unused: soft losses use Σ u from the row pass
             if scratch_len:
                 _transform_row(x[i], scratch, cap, kind)
-                li, Li, _, _ = _row_loss(scratch, w, t[i], yi, eps, zeta, kind, Wi, want_lse)
+                li, Li, _, _, _ = _row_loss(
+                    scratch, w, t[i], yi, eps, zeta, kind, Wi, want_lse, none, bms
+                )
             else:
-                li, Li, _, _ = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, Wi, want_lse)
+                li, Li, _, _, _ = _row_loss(
+                    x[i], w, t[i], yi, eps, zeta, kind, Wi, want_lse, none, bms
+                )
             loss[i] = li
             lse[i] = Li if want_lse else np.nan
 
 
 @njit(**_PAR)
 def forward_grad_kernel(
-    x, y, t, w, W, eps, zeta, cap, kind, nthreads, scale, zscale, loss, lse, out
+    x, y, t, w, W, eps, zeta, cap, kind, nthreads, scale, zscale, store_exp, loss, lse, out
 ):
-    """forward_kernel, then the gradient of each row into out (which may alias x)."""
+    """forward_kernel, then the gradient of each row into out (which may alias x).
+
+    ``store_exp`` (plain logits, float ``out``): the forward pass parks exp(z - block max)
+    in ``out`` and the gradient pass only rescales it, so each element costs one exp.
+    """
     n, C = x.shape
     nb = max(1, min(nthreads, n))
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
@@ -471,6 +568,7 @@ def forward_grad_kernel(
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
+        bms = np.empty((C + BLOCK - 1) // BLOCK)
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if yi < 0:
@@ -478,16 +576,22 @@ def forward_grad_kernel(
                 lse[i] = np.nan
                 _zero_row(out[i], w)
                 continue
-            if scratch_len:
-                _transform_row(x[i], scratch, cap, kind)
-                li, Li, M, S = _row_loss(scratch, w, t[i], yi, eps, zeta, kind, W, want_lse)
-            else:
-                li, Li, M, S = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, W, want_lse)
             Wg = W
             if soft:
                 # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
                 Wg = _soft_total(w, t[i], 1.0 - eps, eps / C)
-            if scratch_len:
+            if store_exp:
+                li, Li, M, S, zy = _row_loss(
+                    x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms
+                )
+                _row_grad_stored(
+                    out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, scale[i], zscale[i], bms
+                )
+            elif scratch_len:
+                _transform_row(x[i], scratch, cap, kind)
+                li, Li, M, S, _ = _row_loss(
+                    scratch, w, t[i], yi, eps, zeta, kind, W, want_lse, w[0:0], bms
+                )
                 _row_grad(
                     scratch,
                     x[i],
@@ -507,6 +611,9 @@ def forward_grad_kernel(
                     zscale[i],
                 )
             else:
+                li, Li, M, S, _ = _row_loss(
+                    x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, w[0:0], bms
+                )
                 _row_grad(
                     x[i],
                     x[i],
@@ -543,11 +650,12 @@ def _row_stats(z, w, t, yi, eps, zeta, kind, W, out_i, loss, lse, tlogp, amax, m
     soft = t.shape[0] != 0
     counted = yi >= 0
     ones = w[0:0]
+    bms = np.empty(0)
     if counted:
-        li, _, _, _ = _row_loss(z, w, t, yi, eps, zeta, kind, W, kind == KIND_LOGITS)
+        li, _, _, _, _ = _row_loss(z, w, t, yi, eps, zeta, kind, W, kind == KIND_LOGITS, ones, bms)
     else:
         li = 0.0
-    M, S, _, _, H = _row_reduce(z, w, ones, 1.0, 0.0, True, False, True)
+    M, S, _, _, H = _row_reduce(z, w, ones, 1.0, 0.0, True, False, True, ones, bms)
     L = M + math.log(S) if kind == KIND_LOGITS else 0.0
     loss[out_i] = li
     lse[out_i] = M + math.log(S)
@@ -716,6 +824,12 @@ def forward_grad(p: Problem, scale: np.ndarray, zscale: np.ndarray, out: np.ndar
             *_args(p),
             np.ascontiguousarray(scale, dtype=np.float64),
             np.ascontiguousarray(zscale, dtype=np.float64),
+            bool(
+                p.kind == KIND_LOGITS
+                and p.cap == 0.0
+                and out.dtype.kind == "f"
+                and out.dtype != np.float16
+            ),
             loss,
             lse,
             _out_view(out, p),
