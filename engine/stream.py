@@ -182,9 +182,14 @@ def _probability_warning(chunk: Chunk, spec: JobSpec) -> str | None:
     return None
 
 
-def _set_threads(threads):
+def _local_job(source, spec: JobSpec, threads, logits, target, progress, keep=(), group_by=None):
+    """The single-machine set-up every job shares: threads, kernels, source, progress."""
     if threads:
         numba.set_num_threads(int(threads))
+    kernels = api.backend(spec.device)
+    src = _open(source, logits, target, keep=keep, group_by=group_by, opts=spec.opts)
+    classes = _check_classes(src, spec)
+    return kernels, src, classes, make_progress(progress, src)
 
 
 def _finish_metrics(state: MetricState, spec: JobSpec, classes: int, soft: bool, seconds: float):
@@ -241,13 +246,11 @@ def evaluate(
             address=dask,
             progress=progress,
         )
-    _set_threads(threads)
-    kernels = api.backend(device)
-    src = _open(source, logits, target, group_by=group_by, opts=spec.opts)
-    classes = _check_classes(src, spec)
+    kernels, src, classes, bar = _local_job(
+        source, spec, threads, logits, target, progress, group_by=group_by
+    )
     state = MetricState(top_k=spec.top_k)
     warnings: list[str] = []
-    bar = make_progress(progress, src)
     start = time.perf_counter()
     try:
         for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
@@ -304,12 +307,8 @@ def score(
             address=dask,
             progress=progress,
         )
-    _set_threads(threads)
-    kernels = api.backend(device)
-    src = _open(source, logits, target, keep=keep, opts=spec.opts)
-    classes = _check_classes(src, spec)
+    kernels, src, classes, bar = _local_job(source, spec, threads, logits, target, progress, keep)
     state = MetricState(top_k=spec.top_k)
-    bar = make_progress(progress, src)
     start = time.perf_counter()
     parts = resume or _is_directory_output(output)
     try:
@@ -422,14 +421,10 @@ def gradients(
             address=dask,
             progress=progress,
         )
-    _set_threads(threads)
-    kernels = api.backend(device)
-    src = _open(source, logits, target, keep=keep, opts=spec.opts)
-    classes = _check_classes(src, spec)
+    kernels, src, classes, bar = _local_job(source, spec, threads, logits, target, progress, keep)
     denominators = (None, None)
     if spec.opts.reduction == "mean":
         denominators = global_denominators(src, spec, classes, spec.chunk_rows)
-    bar = make_progress(progress, src)
     start = time.perf_counter()
     ce_sum = z_sum = 0.0
     rows = counted = nbytes = 0
