@@ -516,6 +516,71 @@ def _thread_span(b, nb, n):
     return b * n // nb, (b + 1) * n // nb
 
 
+SMALL_C = 64  # rows this short skip the block machinery: per-row overhead dominates them
+
+
+@njit(**_JIT)
+def _small_row_loss(z, w, yi, eps, zeta, W):
+    """_row_loss for a short logits row with a class target, all in registers."""
+    C = z.shape[0]
+    m = widen(z[0])
+    for j in range(1, C):
+        v = widen(z[j])
+        m = v if v > m else m
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    ones = zero
+    rest = zero
+    dev = zero
+    for j in range(C):
+        v = widen(z[j])
+        e = vexp(v - m)
+        big = e >= one
+        ones += one if big else zero
+        rest += zero if big else e
+        dev += w[j] * (m - v) if w[j] != zero else zero
+    M = np.float64(m)
+    S = np.float64(ones) + np.float64(rest)
+    if M != M or not (M > -np.inf):
+        return np.nan, -np.inf  # an all -inf row: loss NaN, lse -inf, as the general path
+    log_s = math.log(S)
+    L = M + log_s
+    zy = np.float64(widen(z[yi]))
+    loss = (1.0 - eps) * w[yi] * ((M - zy) + log_s)
+    if eps != 0.0:
+        loss += eps / C * (np.float64(dev) + W * log_s)
+    if zeta != 0.0:
+        loss += zeta * L * L
+    return loss, L
+
+
+@njit(**_JIT)
+def _small_row_loss_grad(z, out, w, yi, eps, zeta, W, scale, zscale):
+    """_small_row_loss plus the gradient into ``out`` (float, may alias z)."""
+    C = z.shape[0]
+    zy = np.float64(widen(z[yi]))
+    loss, L = _small_row_loss(z, w, yi, eps, zeta, W)
+    if L == -np.inf:  # all -inf row: NaN everywhere, as the general path
+        for j in range(C):
+            out[j] = np.nan
+        return loss, L
+    M = np.float64(widen(z[0]))
+    for j in range(1, C):
+        v = np.float64(widen(z[j]))
+        M = v if v > M else M
+    S = math.exp(L - M)
+    c1 = 1.0 - eps
+    c0 = eps / C
+    zterm = zscale * 2.0 * zeta * L
+    K = as_t((scale * (c1 * w[yi] + c0 * W) + zterm) / S, w)
+    Mt = as_t(M, w)
+    se = as_t(scale * c0, w)
+    for j in range(C):
+        out[j] = K * vexp(widen(z[j]) - Mt) - se * w[j]
+    _write_target_grad(out, w, yi, c1, c0, W, S, M, zy, zterm, scale, 0.0)
+    return loss, L
+
+
 @njit(**_PAR)
 def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
     """Per-row loss and lse. t is (rows x C) soft targets or (rows x 0) for class targets."""
@@ -538,6 +603,9 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
             Wi = W
             if soft:
                 Wi = 0.0  # unused: soft losses use Σ u from the row pass
+            if C <= SMALL_C and want_lse and not soft and not scratch_len:
+                loss[i], lse[i] = _small_row_loss(x[i], w, yi, eps, zeta, W)
+                continue
             if scratch_len:
                 _transform_row(x[i], scratch, cap, kind)
                 li, Li, _, _, _ = _row_loss(
@@ -580,7 +648,11 @@ def forward_grad_kernel(
             if soft:
                 # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
                 Wg = _soft_total(w, t[i], 1.0 - eps, eps / C)
-            if store_exp:
+            if store_exp and C <= SMALL_C and not soft:
+                li, Li = _small_row_loss_grad(
+                    x[i], out[i], w, yi, eps, zeta, W, scale[i], zscale[i]
+                )
+            elif store_exp:
                 li, Li, M, S, zy = _row_loss(
                     x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms
                 )
