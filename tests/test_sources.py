@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +36,16 @@ def read_all(src, **kwargs):
 
 @pytest.fixture
 def small_units(monkeypatch):
-    """Parquet row groups bigger than two chunks go through the batched reader."""
-    monkeypatch.setattr(sources, "_MIN_UNIT_BYTES", 1)
+    """Parquet: one row group per unit of work, decoded one row at a time, so that every
+    chunk is assembled from pieces (copied into a chunk buffer) and row groups decode
+    concurrently, several filling one chunk."""
+    real = sources._ParquetReader.units
+
+    def one_group_each(self, columns, selection, unit_bytes):
+        return real(self, columns, selection, 1)
+
+    monkeypatch.setattr(sources._ParquetReader, "units", one_group_each)
+    monkeypatch.setattr(sources, "_DECODE_BYTES", 1)
 
 
 # -- layouts x formats x dtypes ----------------------------------------------------------
@@ -655,13 +666,13 @@ def test_reads_only_needed_columns(tmp_path, monkeypatch):
         tmp_path / "d.parquet", random_logits(4, 2), [0, 1, 0, 1], columns={"big": ["x" * 10] * 4}
     )
     seen = []
-    real = pq.ParquetFile.read_row_groups
+    real = pq.ParquetFile.iter_batches
 
-    def spy(self, groups, columns=None, **kw):
+    def spy(self, *args, columns=None, **kw):
         seen.append(columns)
-        return real(self, groups, columns=columns, **kw)
+        return real(self, *args, columns=columns, **kw)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     list(open_source(path).iter_chunks())
     assert seen == [["logits", "target"]]
 
@@ -709,3 +720,151 @@ def test_abandoning_iteration_does_not_hang(tmp_path, fmt, small_units):
     first = next(it)
     np.testing.assert_array_equal(first.logits, x[:2])
     it.close()  # shuts the pool down; serial jobs still queued must not deadlock
+    assert not [t for t in threading.enumerate() if t.name.startswith("xent-read")]
+
+
+# -- Parquet decoding pipeline -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("readahead", [0, 1, 2, 3])
+def test_parquet_readahead_is_bounded(tmp_path, monkeypatch, small_units, readahead):
+    # Decoders must stay within `readahead` chunks of the caller, whatever the row-group
+    # size: memory is chunk size x read-ahead, never row group or file size.
+    monkeypatch.setattr(sources, "_MIN_AHEAD_BYTES", 1)
+    x = random_logits(120, 16)
+    path = write_dataset(tmp_path / "d.parquet", x, np.zeros(120, np.int64), row_group_rows=40)
+    lock = threading.Lock()
+    decoded = [0]
+    real = sources._ParquetReader.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            assert batch.num_rows == 1  # small_units: one-row batches
+            with lock:
+                decoded[0] += batch.num_rows
+            yield batch
+
+    monkeypatch.setattr(sources._ParquetReader, "iter_batches", spy)
+    leads, got = [], []
+    for chunk in open_source(path).iter_chunks(chunk_rows=4, readahead=readahead):
+        time.sleep(0.005)  # a slow caller: decoders get as far ahead as they may
+        with lock:
+            leads.append(decoded[0] - (chunk.row + 4))
+        got.append(chunk.logits.copy())
+    np.testing.assert_array_equal(np.concatenate(got), x)
+    # Besides the caller's chunk: `readahead` chunks, and the batch each decoder holds.
+    assert max(leads) <= readahead * 4 + max(readahead, 1)
+    if readahead:
+        assert max(leads) >= 4
+
+
+@pytest.mark.parametrize("readahead", [0, 2])
+def test_parquet_chunk_buffers_are_reused_only_when_released(
+    tmp_path, monkeypatch, small_units, readahead
+):
+    monkeypatch.setattr(sources, "_MIN_AHEAD_BYTES", 1)
+    x = random_logits(200, 8)
+    path = write_dataset(tmp_path / "d.parquet", x, np.zeros(200, np.int64), row_group_rows=30)
+    src = open_source(path)
+
+    def address(a):
+        return a.__array_interface__["data"][0]
+
+    held = list(src.iter_chunks(chunk_rows=10, readahead=readahead))
+    np.testing.assert_array_equal(np.concatenate([c.logits for c in held]), x)
+    assert len({address(c.logits) for c in held}) == 20
+    del held
+    seen = set()
+    kept = None
+    for chunk in src.iter_chunks(chunk_rows=10, readahead=readahead):
+        np.testing.assert_array_equal(chunk.logits, x[chunk.row : chunk.row + 10])
+        seen.add(address(chunk.logits))
+        if chunk.row == 30:
+            kept = chunk.logits[2:5, 1:]  # a view outlives its chunk: its memory stays
+    np.testing.assert_array_equal(kept, x[32:35, 1:])
+    assert len(seen) <= readahead + 3
+
+
+def test_chunk_buffers_free_only_unreachable_memory():
+    buffers = sources._Buffers(keep=4)
+    a = buffers.empty((10, 3), np.float32)
+    a[:] = 1
+    views = [a[2:5], memoryview(a), a.reshape(-1)[4:]]
+    del a
+    for _ in views:
+        gc.collect()
+        b = buffers.empty((10, 3), np.float32)
+        b[:] = 2  # must not land in memory a view still reaches
+        assert np.asarray(views[-1]).min() == 1
+        views.pop()
+    gc.collect()
+    c = buffers.empty((5, 3), np.float32)  # the first buffer is free now: taken again
+    assert not buffers._free and c.flags.writeable
+    buffers.close()
+
+
+@pytest.mark.parametrize("readahead", [0, 1, 3])
+@pytest.mark.parametrize("chunk_rows", [3, 20])
+def test_first_bad_row_is_reported_whichever_decoder_fails_first(
+    tmp_path, monkeypatch, small_units, readahead, chunk_rows
+):
+    rows = [[0.0, 1.0, 2.0]] * 40
+    rows[8] = [1.0, 2.0]  # row group 0
+    rows[13] = [1.0]  # row group 1: same 20-row chunk as row 8
+    rows[33] = [1.0, 2.0, 3.0, 4.0]  # row group 3
+    table = pa.table({"logits": pa.array(rows, pa.list_(pa.float32())), "target": [0] * 40})
+    path = write_table(tmp_path / "d.parquet", table, "parquet", row_group_rows=10)
+    real = sources._ParquetReader.iter_batches
+
+    def slow_first_group(self, groups, *args, **kwargs):
+        for batch in real(self, groups, *args, **kwargs):
+            if groups[0] == 0:
+                time.sleep(0.002)  # row group 1 fails first when decoded alongside
+            yield batch
+
+    monkeypatch.setattr(sources._ParquetReader, "iter_batches", slow_first_group)
+    for _ in range(3):
+        with pytest.raises(XentInputError) as err:
+            list(open_source(path).iter_chunks(chunk_rows=chunk_rows, readahead=readahead))
+        assert err.value.row == 8
+
+
+@pytest.mark.parametrize("readahead", [0, 1, 3])
+def test_error_in_a_chunk_another_decoder_is_still_filling(
+    tmp_path, monkeypatch, small_units, readahead
+):
+    # Row group 1 fails while row group 0, slower, still fills the same (only) chunk:
+    # its last rows must wake the caller to raise.
+    rows = [[0.0, 1.0, 2.0]] * 40
+    rows[13] = [1.0]
+    table = pa.table({"logits": pa.array(rows, pa.list_(pa.float32())), "target": [0] * 40})
+    path = write_table(tmp_path / "d.parquet", table, "parquet", row_group_rows=10)
+    real = sources._ParquetReader.iter_batches
+
+    def slow_first_group(self, groups, *args, **kwargs):
+        for batch in real(self, groups, *args, **kwargs):
+            if groups[0] == 0:
+                time.sleep(0.002)
+            yield batch
+
+    monkeypatch.setattr(sources._ParquetReader, "iter_batches", slow_first_group)
+    with pytest.raises(XentInputError) as err:
+        list(open_source(path).iter_chunks(chunk_rows=40, readahead=readahead))
+    assert err.value.row == 13
+
+
+@pytest.mark.parametrize("readahead", [0, 2])
+def test_corrupt_parquet_page_raises_with_the_file(tmp_path, small_units, readahead):
+    x = random_logits(40, 8)
+    path = write_dataset(tmp_path / "d.parquet", x, np.zeros(40, np.int64), row_group_rows=10)
+    column = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    offset = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(open(path, "rb").read())
+    data[offset : offset + 16] = b"\xff" * 16  # the page header
+    open(path, "wb").write(bytes(data))
+    got = []
+    with pytest.raises(XentInputError) as err:
+        for chunk in open_source(path).iter_chunks(chunk_rows=5, readahead=readahead):
+            got.append(chunk.logits.copy())
+    assert str(path) in str(err.value)
+    np.testing.assert_array_equal(np.concatenate(got), x[:20])  # what precedes is read
