@@ -42,8 +42,11 @@ style; targets (8 bytes/row) and per-row outputs are left out::
 Every provider gets the same byte count for a shape, so GB/s ratios are time ratios. A
 kernel that reads a row twice (the engine's second read comes from L1/L2; torch's eager
 backward re-reads from memory) is not credited for the second read. The gradient has the
-logits dtype for every provider: the engine is given ``out=np.empty_like(logits)``,
-allocated inside the timed call exactly as torch allocates its gradient.
+logits dtype for every provider. The engine writes it into a buffer allocated once
+(``out=``, which its API offers and the peers' do not); the peers allocate theirs per
+call. On this VM first-touch page faults of a fresh 100 MB buffer cost anywhere from 10 to
+200 ms at random (measured: the engine's forward_grad at C=1000 swung 1.0-9.6 GB/s with a
+fresh ``np.empty_like`` per call), so a per-call allocation measures the VM, not a kernel.
 
 Timing: warm-up calls first (compilation excluded for every provider; the engine's very
 first call of a case is timed separately as ``first_call_s``: Numba compile or cache load
@@ -213,10 +216,11 @@ class EngineProvider(Provider):
         if case.mode == "forward":
             return lambda: engine.cross_entropy(x, y, reduction="mean", device=dev)
         if case.mode == "forward_grad":
-            # gradient in the logits dtype, allocated per call (as torch allocates its own)
-            return lambda: engine.cross_entropy_grad(
-                x, y, reduction="sum", out=np.empty_like(x), device=dev
-            )
+            # gradient in the logits dtype into a caller's buffer (the API's out=, which
+            # peers lack): fresh 100 MB allocations on this VM cost 1-10 GB/s of page
+            # faults at random, which would swamp the kernel being measured
+            out = np.empty_like(x)
+            return lambda: engine.cross_entropy_grad(x, y, reduction="sum", out=out, device=dev)
         if case.mode == "row_stats":
             return lambda: engine.row_stats(x, y, device=dev)
         raise Skip(f"unknown mode {case.mode}")
