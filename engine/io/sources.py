@@ -1,11 +1,12 @@
 """Logit data sources: find the files, detect format and layout, yield bounded chunks.
 
 A source is one or more Parquet files, Arrow IPC files (Feather v2) or Arrow IPC streams,
-given as files, directories or globs (SPEC §4). `open_source` reads only footers and
-schemas; `Source.iter_chunks` then yields `Chunk`s whose `logits` is a 2-D NumPy view of
-the Arrow buffer whenever the layout allows it, reading ahead on a small thread pool so
-that decoding overlaps the caller's computation. Memory stays bounded by chunk size times
-read-ahead, never by file size.
+given as files, directories or globs, as local paths or pyarrow filesystem URIs
+(`s3://bucket/prefix/`, `gs://...`, `file:///abs/path`; SPEC §4). `open_source` reads
+only footers and schemas; `Source.iter_chunks` then yields `Chunk`s whose `logits` is a
+2-D NumPy view of the Arrow buffer whenever the layout allows it, reading ahead on a
+small thread pool so that decoding overlaps the caller's computation. Memory stays
+bounded by chunk size times read-ahead, never by file size.
 
 Every problem a user can cause raises `XentInputError` with the file (and row, numbered
 from 0 within its file) in the message.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
@@ -141,12 +143,74 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+# URI -> (filesystem, path within it). Filled by expand_paths for the files it lists (so
+# that a directory of many files builds one filesystem) and by _locate; bounded, so that
+# a long-lived process does not grow it without end.
+_LOCATIONS: dict[str, tuple[pafs.FileSystem, str]] = {}
+_LOCATIONS_LOCK = threading.Lock()
+_MAX_LOCATIONS = 4096
+
+
+def _remember(uri: str, fs: pafs.FileSystem, path: str) -> None:
+    with _LOCATIONS_LOCK:
+        if len(_LOCATIONS) >= _MAX_LOCATIONS:
+            _LOCATIONS.clear()
+        _LOCATIONS[uri] = (fs, path)
+
+
+def _resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a URI; XentInputError naming the URI when pyarrow refuses."""
+    with _LOCATIONS_LOCK:
+        found = _LOCATIONS.get(uri)
+    if found is not None:
+        return found
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except _ARROW_ERRORS as e:
+        raise _unreadable(uri, e, "cannot open URI") from None
+    _remember(uri, fs, path)
+    return fs, path
+
+
+def _locate(path: str) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for a URI; (None, path) for a local path."""
+    if _is_uri(path):
+        return _resolve_uri(path)
+    return None, path
+
+
+def _open_random(path: str):
+    """A random-access file: a memory map for local paths, else the filesystem's file."""
+    fs, where = _locate(path)
+    return pa.memory_map(where) if fs is None else fs.open_input_file(where)
+
+
+def _file_size(path: str) -> int:
+    fs, where = _locate(path)
+    if fs is None:
+        return os.path.getsize(where)
+    try:
+        return int(fs.get_file_info(where).size or 0)
+    except _ARROW_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+
 def _read_magic(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        fs, where = _locate(path)
+        if fs is not None:
+            with fs.open_input_file(where) as f:
+                return f.read(8)
+        with open(where, "rb") as f:
             return f.read(8)
     except OSError as e:
         raise XentInputError(f"cannot read: {e.strerror or e}", file=path) from None
+    except pa.ArrowException as e:
+        raise _unreadable(path, e) from None
 
 
 def _looks_like_data(path: str) -> bool:
@@ -168,14 +232,92 @@ def _scan_directory(path: str) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, path))
 
 
+def _split_query(uri: str) -> tuple[str, str]:
+    """('scheme://.../path', '?query' or '')."""
+    base, sep, query = uri.partition("?")
+    return base, sep + query
+
+
+def _list_uri(base: str, query: str) -> list[tuple[str, str]]:
+    """(path relative to `base`, URI) of the visible files under the directory URI
+    `base` (without its query), recursively, sorted by relative path."""
+    fs, root = _resolve_uri(base + query)
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except _ARROW_ERRORS as e:
+        raise _unreadable(base + query, e, "cannot list") from None
+    prefix = root.rstrip("/") + "/" if root.rstrip("/") else root
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.startswith(prefix):
+            continue
+        rel = info.path[len(prefix) :]
+        if any(_hidden(part) for part in rel.split("/")):
+            continue
+        uri = base.rstrip("/") + "/" + rel + query
+        _remember(uri, fs, info.path)
+        out.append((rel, uri))
+    return sorted(out)
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Whether the path `parts`, or a directory above it, matches the glob `pattern`
+    (split on '/'): '*' stays within a name, '**' spans directories, as in glob.glob."""
+    if not pattern:
+        return True  # a matched directory takes in everything below it
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and (
+        fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+    )
+
+
+def _expand_uri(uri: str) -> list[str]:
+    """Files named by a URI: a file, a directory (scanned recursively) or a glob."""
+    base, query = _split_query(uri)
+    first = min((base.index(c) for c in _GLOB_CHARS if c in base), default=None)
+    scheme_end = base.index("://") + 3
+    if first is not None and first > scheme_end:
+        cut = base.rfind("/", scheme_end, first)
+        if cut < 0:
+            raise XentInputError("a glob needs a directory before it", file=uri)
+        pattern = [p for p in base[cut + 1 :].split("/") if p]
+        listing = _list_uri(base[: cut + 1], query)
+        matches = [
+            u for rel, u in listing if _glob_match(rel.split("/"), pattern) and _looks_like_data(u)
+        ]
+        if not matches:
+            raise XentInputError("no Parquet or Arrow files match this pattern", file=uri)
+        return matches
+    fs, path = _resolve_uri(uri)
+    try:
+        kind = fs.get_file_info(path).type
+    except _ARROW_ERRORS as e:
+        raise _unreadable(uri, e) from None
+    if kind == pafs.FileType.Directory:
+        found = [u for _, u in _list_uri(base, query) if _looks_like_data(u)]
+        if not found:
+            raise XentInputError("directory holds no Parquet or Arrow files", file=uri)
+        return found
+    if kind == pafs.FileType.NotFound:
+        raise XentInputError("no such file or directory", file=uri)
+    return [uri]
+
+
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Files named by `paths` (files, directories scanned recursively, globs), in order."""
+    """Files named by `paths` (files, directories scanned recursively, globs), in order.
+
+    A path containing '://' is a pyarrow filesystem URI; the files it names are returned
+    as URIs (so that they stay picklable and readable by remote workers)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[str] = []
     for p in paths:
         p = os.fspath(p)
-        if os.path.isdir(p):
+        if _is_uri(p):
+            out.extend(_expand_uri(p))
+        elif os.path.isdir(p):
             found = _scan_directory(p)
             if not found:
                 raise XentInputError("directory holds no Parquet or Arrow files", file=p)
@@ -239,7 +381,8 @@ class _ParquetReader:
     def __init__(self, path: str):
         self.path = path
         try:
-            pf = pq.ParquetFile(path, pre_buffer=False)
+            self._fs, self._where = _locate(path)
+            pf = pq.ParquetFile(self._where, filesystem=self._fs, pre_buffer=False)
         except _ARROW_ERRORS as e:
             raise _unreadable(path, e, "not a readable Parquet file") from None
         self.metadata = pf.metadata
@@ -254,7 +397,7 @@ class _ParquetReader:
     def _open(self, **kwargs) -> pq.ParquetFile:
         # A fresh handle per job (sharing the parsed footer): concurrent reads of one
         # ParquetFile object are not documented as safe.
-        return pq.ParquetFile(self.path, metadata=self.metadata, **kwargs)
+        return pq.ParquetFile(self._where, filesystem=self._fs, metadata=self.metadata, **kwargs)
 
     def _unit_bytes(self, i: int, columns: Sequence[str]) -> int:
         rg = self.metadata.row_group(i)
@@ -314,7 +457,7 @@ class _IpcFileReader:
     def __init__(self, path: str):
         self.path = path
         try:
-            reader = pa.ipc.open_file(pa.memory_map(path))
+            reader = pa.ipc.open_file(_open_random(path))
             self.schema = reader.schema
             self.row_groups = reader.num_record_batches
             self.rows = reader.count_rows()
@@ -322,10 +465,11 @@ class _IpcFileReader:
             raise _unreadable(path, e, "not a readable Arrow IPC file") from None
 
     def jobs(self, columns) -> Iterator[Job]:
-        # Memory-mapped: a batch is a zero-copy view of the file, so reading is cheap and
-        # done under one lock (sharing a file reader across threads is not documented).
+        # Memory-mapped (local paths): a batch is a zero-copy view of the file, so reading
+        # is cheap and done under one lock (sharing a file reader across threads is not
+        # documented). A URI's file is read through its filesystem, under the same lock.
         try:
-            reader = pa.ipc.open_file(pa.memory_map(self.path))
+            reader = pa.ipc.open_file(_open_random(self.path))
         except _ARROW_ERRORS as e:
             raise _unreadable(self.path, e) from None
         lock = threading.Lock()
@@ -347,6 +491,9 @@ class _IpcFileReader:
 
 
 def _open_stream(path: str):
+    fs, where = _locate(path)
+    if fs is not None:
+        return pa.ipc.open_stream(fs.open_input_stream(where))
     try:
         source = pa.memory_map(path)
     except _ARROW_ERRORS:
@@ -1398,7 +1545,7 @@ def _open_entry(path, logits, target, keep, group_by, logits_dtype) -> _Entry:
         format=reader.format,
         rows=reader.rows,
         row_groups=reader.row_groups,
-        bytes=os.path.getsize(path),
+        bytes=_file_size(path),
     )
     return _Entry(info, reader, layout, tlayout)
 
@@ -1406,7 +1553,7 @@ def _open_entry(path, logits, target, keep, group_by, logits_dtype) -> _Entry:
 def _probe_ipc(path: str) -> pa.RecordBatch | None:
     fmt = detect_format(path)
     if fmt == "arrow-file":
-        reader = pa.ipc.open_file(pa.memory_map(path))
+        reader = pa.ipc.open_file(_open_random(path))
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             if batch.num_rows:
