@@ -340,7 +340,7 @@ def _absolute(fragments: list[Fragment]) -> tuple[list[Fragment], dict]:
     names = {}
     out = []
     for f in fragments:
-        path = os.path.abspath(f.path)
+        path = f.path if "://" in f.path else os.path.abspath(f.path)  # URIs are global
         names[path] = f.path
         out.append(replace(f, path=path))
     return out, names

@@ -373,3 +373,15 @@ def test_empty_file_among_others(tmp_path, address):
     _assert_tables_equal(table, pq.read_table(local_out))
     assert manifest["total_rows"] == 110
     _assert_same(local.to_dict(), remote.to_dict())
+
+
+def test_file_uri_source_runs_on_the_cluster(address, tmp_path):
+    """Workers open pyarrow filesystem URIs themselves (file:// stands in for s3:// here)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((120, 9)).astype(np.float32)
+    y = rng.integers(0, 9, 120)
+    path = write_dataset(tmp_path / "u.parquet", x, y, row_group_rows=40)
+    local = engine.evaluate(path, device="cpu").to_dict()
+    remote = engine.evaluate(f"file://{path}", device="cpu", dask=address).to_dict()
+    for key in ("loss", "nll", "accuracy", "rows", "counted"):
+        assert remote[key] == pytest.approx(local[key], rel=1e-12)
