@@ -374,17 +374,24 @@ def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse, store, bms):
             M = 0.0
         elif M == -np.inf or M != M:
             M = 0.0  # no max was needed; keep D's reference point finite
-    L = M + math.log(S) if want_lse else 0.0  # lse; 0 for log-prob / prob inputs
+    loss, L = _loss_from(M, S, D, U, zy, w, yi, eps, zeta, W, soft, want_lse)
+    return loss, L, M, S, zy
+
+
+@njit(**_JIT)
+def _loss_from(M, S, D, U, zy, w, yi, eps, zeta, W, soft, want_lse):
+    """(loss, lse) from a row's reductions (see _row_reduce); lse is 0 for non-logit kinds."""
+    L = M + math.log(S) if want_lse else 0.0
     shift = L - M  # = log S for logits
     if soft:
         loss = D + U * shift
     else:
         loss = (1.0 - eps) * w[yi] * ((M - zy) + shift)
         if eps != 0.0:
-            loss += c0 * (D + W * shift)
+            loss += eps / w.shape[0] * (D + W * shift)
     if zeta != 0.0:
         loss += zeta * L * L
-    return loss, L, M, S, zy
+    return loss, L
 
 
 @njit(**_JIT)
@@ -717,17 +724,21 @@ def _soft_total(w, t, c1, c0):
 
 
 @njit(**_JIT)
-def _row_stats(z, w, t, yi, eps, zeta, kind, W, out_i, loss, lse, tlogp, amax, maxp, ent, rank, kl):
+def _row_stats(
+    z, w, t, yi, eps, zeta, kind, W, out_i, loss, lse, tlogp, amax, maxp, ent, rank, kl, bms
+):
     C = z.shape[0]
     soft = t.shape[0] != 0
     counted = yi >= 0
     ones = w[0:0]
-    bms = np.empty(0)
+    # one pass serves the loss and the entropy (the deviation sums only when needed)
+    want_dev = soft or eps != 0.0
+    M, S, D, U, H = _row_reduce(z, w, t, 1.0 - eps, eps / C, True, want_dev, True, ones, bms)
     if counted:
-        li, _, _, _, _ = _row_loss(z, w, t, yi, eps, zeta, kind, W, kind == KIND_LOGITS, ones, bms)
+        zy = 0.0 if soft else np.float64(widen(z[yi]))
+        li, _ = _loss_from(M, S, D, U, zy, w, yi, eps, zeta, W, soft, kind == KIND_LOGITS)
     else:
         li = 0.0
-    M, S, _, _, H = _row_reduce(z, w, ones, 1.0, 0.0, True, False, True, ones, bms)
     L = M + math.log(S) if kind == KIND_LOGITS else 0.0
     loss[out_i] = li
     lse[out_i] = M + math.log(S)
@@ -798,6 +809,7 @@ def stats_kernel(
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
+        bms = np.empty(0)  # per thread: no allocation per row
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if scratch_len:
@@ -820,6 +832,7 @@ def stats_kernel(
                     ent,
                     rank,
                     kl,
+                    bms,
                 )
             else:
                 _row_stats(
@@ -840,6 +853,7 @@ def stats_kernel(
                     ent,
                     rank,
                     kl,
+                    bms,
                 )
 
 
