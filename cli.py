@@ -837,25 +837,18 @@ def score_cmd(sources, output, keep, overwrite, resume, as_json, **kw):
     """Per-row loss, log-prob, prediction, confidence and entropy, written to a file."""
     import engine
 
-    kwargs, rest = engine_kwargs(kw)
-    _check_output(output, overwrite, resume)
-    with progress_bar(_want_progress(rest["no_progress"], as_json), "score") as bar:
-        report = engine.score(
-            list(sources),
-            output,
-            keep=keep,
-            overwrite=overwrite,
-            resume=resume,
-            progress=bar,
-            **kwargs,
-        )
-    d = _report_dict(report)
-    _print_warnings(report)
-    if as_json:
-        click.echo(to_json({"output": output, **d}))
-    else:
-        click.echo(_written_line("scored", d, output))
-        click.echo(format_report(d, "metrics", kwargs["reduction"]))
+    _run_output_job(
+        engine.score,
+        "score",
+        "scored",
+        sources,
+        output,
+        as_json,
+        kw,
+        keep=keep,
+        overwrite=overwrite,
+        resume=resume,
+    )
 
 
 @main.command("grad")
@@ -880,24 +873,32 @@ def grad_cmd(sources, output, keep, overwrite, grad_dtype, as_json, **kw):
     """d loss / d logits for every row, written to a file (column 'grad')."""
     import engine
 
+    _run_output_job(
+        engine.gradients,
+        "grad",
+        "wrote gradients of",
+        sources,
+        output,
+        as_json,
+        kw,
+        keep=keep,
+        overwrite=overwrite,
+        grad_dtype=grad_dtype,
+    )
+
+
+def _run_output_job(job, label, verb, sources, output, as_json, kw, **job_kwargs):
+    """score/grad: check the output, run the job with progress, print what was written."""
     kwargs, rest = engine_kwargs(kw)
-    _check_output(output, overwrite)
-    with progress_bar(_want_progress(rest["no_progress"], as_json), "grad") as bar:
-        report = engine.gradients(
-            list(sources),
-            output,
-            keep=keep,
-            overwrite=overwrite,
-            grad_dtype=grad_dtype,
-            progress=bar,
-            **kwargs,
-        )
+    _check_output(output, job_kwargs["overwrite"], job_kwargs.get("resume", False))
+    with progress_bar(_want_progress(rest["no_progress"], as_json), label) as bar:
+        report = job(list(sources), output, progress=bar, **job_kwargs, **kwargs)
     d = _report_dict(report)
     _print_warnings(report)
     if as_json:
         click.echo(to_json({"output": output, **d}))
     else:
-        click.echo(_written_line("wrote gradients of", d, output))
+        click.echo(_written_line(verb, d, output))
         click.echo(format_report(d, "metrics", kwargs["reduction"]))
 
 
