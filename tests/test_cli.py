@@ -632,3 +632,60 @@ def test_sigint_during_score(tmp_path):
     assert "Traceback" not in stderr
     assert stdout == ""
     assert os.listdir(out_dir) == []
+
+
+def test_killed_then_resumed_score_equals_uninterrupted(tmp_path):
+    """SIGKILL a real `xent score` writing parts, then --resume: same rows as one clean run."""
+    src = tmp_path / "d.arrow"
+    generate(src, rows=4000, classes=1000, format="arrow")
+    sources = [str(src)] * 30  # 120k rows: a few seconds of work, in 200 parts
+    base = [sys.executable, "-m", "cli", "score", *sources, "--chunk-rows", "600"]
+    base += ["--device", "cpu", "--no-progress"]
+    clean = tmp_path / "clean"
+    done = subprocess.run(
+        [*base, "-o", str(clean)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*base, "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
+    try:
+        manifest = out / "_manifest.json"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if manifest.exists() and len(json.loads(manifest.read_text())["parts"]) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job finished before it could be killed"
+        proc.kill()  # SIGKILL: no clean-up of any kind
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    written = len(json.loads(manifest.read_text())["parts"])
+    assert 3 <= written < 200
+    resumed = subprocess.run(
+        [*base, "-o", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = pq.ParquetDataset(str(clean)).read()
+    b = pq.ParquetDataset(str(out)).read()
+    assert a.num_rows == b.num_rows == 120_000
+    assert a.equals(b)
+    assert not [n for n in os.listdir(out) if "tmp" in n]  # no stray temporary parts

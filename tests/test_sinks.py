@@ -250,3 +250,14 @@ def test_parts_writer_on_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(XentInputError, match="not a directory"):
         PartsWriter(str(f))
+
+
+def test_resume_sweeps_half_written_parts(tmp_path):
+    out = tmp_path / "parts"
+    w = PartsWriter(out)
+    w.write_part(0, pa.table({"a": [1, 2]}), first_row=0)
+    stray = out / ".part-00001.parquet.tmp-999999-abcd"  # what a SIGKILL leaves behind
+    stray.write_bytes(b"half a part")
+    PartsWriter(out, resume=True)
+    assert not stray.exists()
+    assert (out / "part-00000.parquet").exists()

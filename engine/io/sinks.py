@@ -276,12 +276,23 @@ class PartsWriter:
             for name in os.listdir(self.directory):
                 if name == MANIFEST or name.startswith("part-"):
                     os.unlink(os.path.join(self.directory, name))
+        if existing and (overwrite or resume):
+            self._sweep_temporaries()
         self.manifest = self._load() if resume else None
         if self.manifest is None:
             self.manifest = {"format": "xent-parts", "version": 1, "complete": False}
             self.manifest.update({"total_rows": None, "parts": {}})
         if not os.access(self.directory, os.W_OK):
             raise XentInputError("cannot write (permission denied)", file=self.directory)
+
+    def _sweep_temporaries(self) -> None:
+        """Remove half-written parts a killed job left (``.part-*.tmp-*``): never data."""
+        for name in os.listdir(self.directory):
+            if name.startswith((".part-", f".{MANIFEST}")) and ".tmp-" in name:
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
 
     @property
     def manifest_path(self) -> str:
