@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from engine.kernels._vecmath import exp_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+from engine.kernels._vecmath import (
+    exp_f32,
+    exp_nonpos_f32,
+    f16_bits_to_f32,
+    f32_to_bf16_bits,
+    f32_to_f16_bits,
+)
 from engine.kernels.cpu import FASTMATH
 
 
@@ -13,6 +19,12 @@ from engine.kernels.cpu import FASTMATH
 def _map_exp(x, out):
     for i in range(x.shape[0]):
         out[i] = exp_f32(x[i])
+
+
+@njit(fastmath=FASTMATH)
+def _map_exp_nonpos(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpos_f32(x[i])
 
 
 @njit(fastmath=FASTMATH)
@@ -84,3 +96,17 @@ def test_float32_to_float16_and_bfloat16_round_to_nearest_even():
 
     _narrow_all(x, out, True)
     assert np.array_equal(out, float32_to_bf16_bits(x))
+
+
+def test_non_positive_exp_matches_the_general_one():
+    """The kernels' exp (arguments z - max <= 0) under the kernels' flags."""
+    x = np.concatenate([np.linspace(-100.0, 0.0, 1_000_001), [-np.inf, np.nan, -0.0]])
+    x = x.astype(np.float32)
+    got = np.empty_like(x)
+    _map_exp_nonpos(x, got)
+    ref = np.exp(x.astype(np.float64))
+    normal = ref > 1.2e-38
+    ulps = np.abs(got - ref)[normal] / np.spacing(ref[normal].astype(np.float32))
+    assert ulps.max() <= 5.0 and ulps[x[normal] > -20].max() <= 1.5
+    assert np.all(got[(x < -88) & np.isfinite(x)] == 0.0)
+    assert got[-3] == 0.0 and np.isnan(got[-2]) and got[-1] == 1.0

@@ -95,6 +95,26 @@ def exp_f32(x):
 
 
 @njit(**_STRICT)
+def exp_nonpos_f32(x):
+    """exp(x) for x <= 0 (or NaN), the only arguments the kernels form (z - max).
+
+    The same arithmetic as exp_f32 minus the upper clamp and the two special-case selects:
+    the lower clamp alone sends -inf to exactly 0 (2^-127 encodes as +0.0), and NaN still
+    flows through the polynomial.
+    """
+    x = np.float32(x)
+    xc = _F32_LO if x < _F32_LO else x
+    n = np.int32(xc * _LOG2E + np.float32(128.5)) - np.int32(128)
+    fn = np.float32(n)
+    r = xc - fn * _LN2_HI
+    r = r - fn * _LN2_LO
+    r2 = r * r
+    poly = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    poly = poly * r2 + r + np.float32(1.0)
+    return poly * _bits_to_f32((n + np.int32(127)) << np.int32(23))
+
+
+@njit(**_STRICT)
 def f16_bits_to_f32(h):
     """IEEE half (as uint16 bits) -> float32, exact, branch-free (vectorises).
 

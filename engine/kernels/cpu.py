@@ -33,7 +33,7 @@ from numba.extending import overload
 from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, Problem
 from engine.kernels._vecmath import (
     bf16_bits_to_f32,
-    exp_f32,
+    exp_nonpos_f32,
     f16_bits_to_f32,
     f32_to_bf16_bits,
     f32_to_f16_bits,
@@ -96,8 +96,9 @@ def vexp(v):  # pragma: no cover
 
 @overload(vexp)
 def _vexp(v):
+    # every kernel argument is z - max <= 0 (or NaN): the cheaper non-positive exp
     if v == types.float32:
-        return lambda v: exp_f32(v)
+        return lambda v: exp_nonpos_f32(v)
     return lambda v: math.exp(v)
 
 
