@@ -132,8 +132,6 @@ def make_problem(logits, targets: Targets, opts: LossOptions) -> Problem:
     compute = dtypes.compute_dtype(kind)
     if x.shape[1] == 0:
         raise ValueError("logits must have at least one class")
-    if x.strides[1] not in (0, x.itemsize) and x.shape[1] > 1:
-        pass  # strided rows are fine (slower); kernels take any layout
     return Problem(
         x=x,
         storage=_STORAGE_CODES[kind],
