@@ -71,14 +71,11 @@ _F32_HI = np.float32(88.0)  # above: +inf (true exp overflows at 88.72; 2^n need
 
 
 @njit(**_STRICT)
-def exp_f32(x):
-    """exp(x) in float32, ~1 ulp; -inf -> 0, NaN -> NaN, x > 88.7 -> inf, x < -88 -> 0.
+def _exp_core(xc):
+    """exp(xc) for xc in [-88, 88]: Cody-Waite reduction, polynomial, 2^n by bit-cast.
 
-    Comparisons are written so NaN falls through every clamp and reaches the polynomial.
+    Below -87.3 the result flushes to 0 (2^-127 encodes as +0.0); NaN flows through.
     """
-    x = np.float32(x)
-    xc = _F32_LO if x < _F32_LO else x
-    xc = _F32_HI if xc > _F32_HI else xc
     # round(xc * log2e) via truncation of a positive number: floor(t + 0.5)
     n = np.int32(xc * _LOG2E + np.float32(128.5)) - np.int32(128)
     fn = np.float32(n)
@@ -87,31 +84,32 @@ def exp_f32(x):
     r2 = r * r
     poly = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
     poly = poly * r2 + r + np.float32(1.0)
-    scale = _bits_to_f32((n + np.int32(127)) << np.int32(23))
-    y = poly * scale
+    return poly * _bits_to_f32((n + np.int32(127)) << np.int32(23))
+
+
+@njit(**_STRICT)
+def exp_f32(x):
+    """exp(x) in float32, ~1 ulp; -inf -> 0, NaN -> NaN, x > 88 -> inf, x < -88 -> 0.
+
+    Comparisons are written so NaN falls through every clamp and reaches the polynomial.
+    """
+    x = np.float32(x)
+    xc = _F32_LO if x < _F32_LO else x
+    xc = _F32_HI if xc > _F32_HI else xc
+    y = _exp_core(xc)
     y = np.float32(0.0) if x < _F32_LO else y
-    y = np.float32(np.inf) if x > _F32_HI else y
-    return y
+    return np.float32(np.inf) if x > _F32_HI else y
 
 
 @njit(**_STRICT)
 def exp_nonpos_f32(x):
     """exp(x) for x <= 0 (or NaN), the only arguments the kernels form (z - max).
 
-    The same arithmetic as exp_f32 minus the upper clamp and the two special-case selects:
-    the lower clamp alone sends -inf to exactly 0 (2^-127 encodes as +0.0), and NaN still
-    flows through the polynomial.
+    exp_f32 without the upper clamp and the special-case selects: the lower clamp alone
+    sends -inf to exactly 0, and NaN still flows through the polynomial.
     """
     x = np.float32(x)
-    xc = _F32_LO if x < _F32_LO else x
-    n = np.int32(xc * _LOG2E + np.float32(128.5)) - np.int32(128)
-    fn = np.float32(n)
-    r = xc - fn * _LN2_HI
-    r = r - fn * _LN2_LO
-    r2 = r * r
-    poly = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-    poly = poly * r2 + r + np.float32(1.0)
-    return poly * _bits_to_f32((n + np.int32(127)) << np.int32(23))
+    return _exp_core(_F32_LO if x < _F32_LO else x)
 
 
 @njit(**_STRICT)

@@ -725,9 +725,8 @@ def _soft_total(w, t, c1, c0):
 
 
 @njit(**_JIT)
-def _row_stats(
-    z, w, t, yi, eps, zeta, kind, W, out_i, loss, lse, tlogp, amax, maxp, ent, rank, kl, bms
-):
+def _row_stats(z, w, t, yi, eps, zeta, kind, W, bms):
+    """(loss, lse, target_logprob, argmax, max_prob, entropy, target_rank, kl) of one row."""
     C = z.shape[0]
     soft = t.shape[0] != 0
     counted = yi >= 0
@@ -741,11 +740,8 @@ def _row_stats(
     else:
         li = 0.0
     L = M + math.log(S) if kind == KIND_LOGITS else 0.0
-    loss[out_i] = li
-    lse[out_i] = M + math.log(S)
-    r = math.exp(M - L)  # 1/S for logits
-    ent[out_i] = r * (H + S * (L - M))
-    maxp[out_i] = r
+    r = math.exp(M - L)  # 1/S for logits: the max probability
+    entropy = r * (H + S * (L - M))
     # first index of the max (NaN rows: first NaN, as torch.argmax)
     am = 0
     for j in range(C):
@@ -753,7 +749,7 @@ def _row_stats(
         if v != v or v == M:
             am = j
             break
-    amax[out_i] = am
+    kl = np.nan
     if soft:
         # target class for rank/accuracy: argmax of the target distribution
         best = t[0]
@@ -762,28 +758,24 @@ def _row_stats(
             if t[j] > best:
                 best = t[j]
                 cls = j
-        _, _, Dt, Ut = _plain_deviation(z, t, M)
-        tlogp[out_i] = -(Dt + Ut * (L - M))
+        Dt, Ut = _plain_deviation(z, t, M)
+        tlogp = -(Dt + Ut * (L - M))
         tlogt = 0.0
         for j in range(C):
             tj = np.float64(t[j])
             if tj > 0.0:
                 tlogt += tj * math.log(tj)
-        kl[out_i] = tlogt - tlogp[out_i]
+        kl = tlogt - tlogp
     else:
         cls = yi
-        if counted:
-            tlogp[out_i] = np.float64(widen(z[yi])) - L
-        else:
-            tlogp[out_i] = np.nan
+        tlogp = np.float64(widen(z[yi])) - L if counted else np.nan
+    rank = -1
     if counted:
         zt = widen(z[cls])
-        cnt = 0
+        rank = 0
         for j in range(C):
-            cnt += 1 if widen(z[j]) > zt else 0
-        rank[out_i] = cnt
-    else:
-        rank[out_i] = -1
+            rank += 1 if widen(z[j]) > zt else 0
+    return li, M + math.log(S), tlogp, am, r, entropy, rank, kl
 
 
 @njit(**_JIT)
@@ -796,7 +788,7 @@ def _plain_deviation(z, t, M):
         if tj != 0.0:
             D += tj * (M - np.float64(widen(z[j])))
         U += tj
-    return 0.0, 0.0, D, U
+    return D, U
 
 
 @njit(**_PAR)
@@ -815,47 +807,12 @@ def stats_kernel(
             yi = 0 if soft else y[i]
             if scratch_len:
                 _transform_row(x[i], scratch, cap, kind)
-                _row_stats(
-                    scratch,
-                    w,
-                    t[i],
-                    yi,
-                    eps,
-                    zeta,
-                    kind,
-                    W,
-                    i,
-                    loss,
-                    lse,
-                    tlogp,
-                    amax,
-                    maxp,
-                    ent,
-                    rank,
-                    kl,
-                    bms,
-                )
+                row = _row_stats(scratch, w, t[i], yi, eps, zeta, kind, W, bms)
             else:
-                _row_stats(
-                    x[i],
-                    w,
-                    t[i],
-                    yi,
-                    eps,
-                    zeta,
-                    kind,
-                    W,
-                    i,
-                    loss,
-                    lse,
-                    tlogp,
-                    amax,
-                    maxp,
-                    ent,
-                    rank,
-                    kl,
-                    bms,
-                )
+                row = _row_stats(x[i], w, t[i], yi, eps, zeta, kind, W, bms)
+            loss[i], lse[i], tlogp[i], amax[i], maxp[i], ent[i], rank[i], kli = row
+            if soft:
+                kl[i] = kli
 
 
 # -- host side: Problem -> kernel arguments -------------------------------------------------
