@@ -32,7 +32,6 @@ import secrets
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import pyarrow as pa
 
 from engine import api, stream
@@ -153,26 +152,25 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
 
 
 def _grad_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragment) -> _Result:
-    spec = job.spec
-    ce_sum = z_sum = 0.0
-    rows = counted = nbytes = 0
     with sinks.Sink(part_path, overwrite=True) as sink:
-        for chunk in _chunks(src, spec, fragment):
-            targets, loss, lse, grad = stream.grad_chunk(
-                chunk, spec, job.classes, kernels, job.denominators, job.grad_output
-            )
-            sink.write(sinks.grad_table(grad, chunk.keep, job.grad_dtype))
-            part_ce, part_z = api._split_z(loss, lse, targets, spec.opts)  # as stream.gradients
-            ce_sum += np.nansum([part_ce]) if spec.nan_policy == "skip" else part_ce
-            z_sum += part_z
-            rows += chunk.num_rows
-            counted += targets.counted_rows
-            nbytes += chunk.logits.nbytes
-        if rows == 0:
-            zeros = np.zeros((0, job.classes), np.float32)
-            sink.write(sinks.grad_table(zeros, _empty_keep(job), job.grad_dtype))
+        sums = stream.write_gradients(
+            _chunks(src, job.spec, fragment),
+            sink,
+            job.spec,
+            job.classes,
+            kernels,
+            job.denominators,
+            job.grad_output,
+            job.grad_dtype,
+            empty_keep=_empty_keep(job),
+        )
     return _Result(
-        index, rows=rows, nbytes=nbytes, ce_sum=float(ce_sum), z_sum=z_sum, counted=counted
+        index,
+        rows=sums.rows,
+        nbytes=sums.nbytes,
+        ce_sum=float(sums.ce_sum),
+        z_sum=sums.z_sum,
+        counted=sums.counted,
     )
 
 

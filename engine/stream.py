@@ -361,14 +361,26 @@ def global_denominators(src: Source, spec: JobSpec, classes: int, chunk_rows=Non
     return weight_sum, counted
 
 
-def grad_chunk(chunk: Chunk, spec: JobSpec, classes: int, kernels, denominators, grad_output):
-    """(loss rows, lse, gradient) for one chunk; NaN rows raise or get a zero gradient."""
+def grad_chunk(
+    chunk: Chunk, spec: JobSpec, classes: int, kernels, denominators, grad_output, buffer=None
+):
+    """(targets, loss rows, lse, gradient) for one chunk.
+
+    NaN rows raise (policy error) or, under skip, get a zero gradient and leave the counted
+    rows (the mean denominator stays the global one from the targets pass). ``buffer``
+    (rows x C, compute dtype) is reused when large enough: fresh chunk-sized allocations
+    cost page faults on every chunk.
+    """
     targets, problem = chunk_problem(chunk, spec, classes)
     weight_sum, counted = denominators
     scale, zscale = api.row_scales(
         targets, spec.opts, grad_output, problem.rows, weight_sum=weight_sum, counted_rows=counted
     )
-    out = np.empty(problem.x.shape, dtype=problem.compute)
+    shape = problem.x.shape
+    if buffer is not None and buffer.shape[0] >= shape[0] and buffer.shape[1:] == shape[1:]:
+        out = buffer[: shape[0]]
+    else:
+        out = np.empty(shape, dtype=problem.compute)
     loss, lse = kernels.forward_grad(problem, scale, zscale, out)
     bad = np.isnan(loss) & targets.counted
     if bad.any():
@@ -376,7 +388,55 @@ def grad_chunk(chunk: Chunk, spec: JobSpec, classes: int, kernels, denominators,
             _nan_mask(chunk, np.where(bad, np.nan, 0.0), spec)
         elif spec.nan_policy == "skip":
             out[bad] = 0.0
+            loss[bad] = 0.0
+            targets.counted &= ~bad
+            targets.counted_rows -= int(bad.sum())
     return targets, loss, lse, out
+
+
+@dataclass
+class GradSums:
+    """What a gradients job (or one Dask fragment of it) adds up besides its output."""
+
+    ce_sum: float = 0.0
+    z_sum: float = 0.0
+    rows: int = 0
+    counted: int = 0
+    nbytes: int = 0
+
+
+def write_gradients(
+    chunks,
+    sink,
+    spec: JobSpec,
+    classes: int,
+    kernels,
+    denominators,
+    grad_output,
+    grad_dtype,
+    empty_keep=None,
+    on_chunk=None,
+) -> GradSums:
+    """The per-chunk loop shared by local and Dask gradients: compute, write, add up."""
+    sums = GradSums()
+    buffer = None
+    for chunk in chunks:
+        targets, loss, lse, grad = grad_chunk(
+            chunk, spec, classes, kernels, denominators, grad_output, buffer
+        )
+        buffer = grad if buffer is None or grad.shape[0] > buffer.shape[0] else buffer
+        sink.write(sinks.grad_table(grad, chunk.keep, grad_dtype))  # serialised: reusable
+        part_ce, part_z = api._split_z(loss, lse, targets, spec.opts)
+        sums.ce_sum += part_ce
+        sums.z_sum += part_z
+        sums.rows += chunk.num_rows
+        sums.counted += targets.counted_rows
+        sums.nbytes += chunk.logits.nbytes
+        if on_chunk is not None:
+            on_chunk(chunk.num_rows, chunk.logits.nbytes)
+    if sums.rows == 0:
+        sink.write(sinks.grad_table(np.zeros((0, classes), np.float32), empty_keep, grad_dtype))
+    return sums
 
 
 def gradients(
@@ -426,38 +486,35 @@ def gradients(
     if spec.opts.reduction == "mean":
         denominators = global_denominators(src, spec, classes, spec.chunk_rows)
     start = time.perf_counter()
-    ce_sum = z_sum = 0.0
-    rows = counted = nbytes = 0
     try:
         with sinks.open_sink(output, overwrite=overwrite) as sink:
-            for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
-                targets, loss, lse, grad = grad_chunk(
-                    chunk, spec, classes, kernels, denominators, grad_output
-                )
-                sink.write(sinks.grad_table(grad, chunk.keep, grad_dtype))
-                part_ce, part_z = api._split_z(loss, lse, targets, spec.opts)
-                ce_sum += np.nansum([part_ce]) if spec.nan_policy == "skip" else part_ce
-                z_sum += part_z
-                rows += chunk.num_rows
-                counted += targets.counted_rows
-                nbytes += chunk.logits.nbytes
-                bar.update(chunk.num_rows, chunk.logits.nbytes)
-            if rows == 0:
-                sink.write(sinks.grad_table(np.zeros((0, classes), np.float32), None, grad_dtype))
+            sums = write_gradients(
+                src.iter_chunks(chunk_rows=spec.chunk_rows),
+                sink,
+                spec,
+                classes,
+                kernels,
+                denominators,
+                grad_output,
+                grad_dtype,
+                on_chunk=bar.update,
+            )
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     wsum = denominators[0] if denominators[0] is not None else 0.0
-    loss = api.reduce_loss(ce_sum, z_sum, wsum, counted, _metric_reduction(spec.opts))
+    loss = api.reduce_loss(
+        sums.ce_sum, sums.z_sum, wsum, sums.counted, _metric_reduction(spec.opts)
+    )
     metrics = {
-        "rows": rows,
-        "counted": counted,
-        "ignored": rows - counted,
+        "rows": sums.rows,
+        "counted": sums.counted,
+        "ignored": sums.rows - sums.counted,
         "classes": classes,
         "loss": loss,
         "seconds": seconds,
-        "rows_per_second": rows / seconds if seconds > 0 else None,
-        "gb_per_second": nbytes / seconds / 1e9 if seconds > 0 else None,
+        "rows_per_second": sums.rows / seconds if seconds > 0 else None,
+        "gb_per_second": sums.nbytes / seconds / 1e9 if seconds > 0 else None,
     }
     return Report(metrics, output=str(output))
 

@@ -261,3 +261,26 @@ def test_gradients_match_reference(tmp_path, rng, reduction, grad_dtype):
     if reduction != "none":
         assert report.to_dict()["loss"] == pytest.approx(ref_loss, rel=1e-6)
     assert table["id"].to_pylist() == list(range(len(y)))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_gradients_skip_nan_rows_keeps_the_rest_of_the_chunk(tmp_path, rng, suffix):
+    """Under skip a NaN row gets a zero gradient; the other rows of its chunk still count."""
+    x, y = _data(rng, ignore_frac=0.0)
+    x[17, 3] = np.nan
+    path = write_dataset(tmp_path / "d.parquet", x, y)
+    out = tmp_path / f"g{suffix}"
+    report = engine.gradients(
+        path, out, reduction="sum", nan_policy="skip", chunk_rows=40, device="cpu"
+    ).to_dict()
+    keep = np.arange(len(y)) != 17
+    ref_loss, ref_grad = R.cross_entropy_grad(x[keep], y[keep], reduction="sum")
+    assert report["loss"] == pytest.approx(ref_loss, rel=1e-6)
+    assert report["counted"] == len(y) - 1
+    if suffix == ".parquet":
+        table = pq.read_table(out)
+    else:
+        table = pa.ipc.open_file(str(out)).read_all()
+    grad = np.stack(table["grad"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    assert not grad[17].any()
+    assert np.max(np.abs(grad[keep] - ref_grad)) <= 1e-6 * np.max(np.abs(ref_grad))
