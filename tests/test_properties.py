@@ -52,4 +52,8 @@ def test_results_do_not_depend_on_threads_or_row_splits(shape, seed, split):
         engine.cross_entropy(x[:k], y[:k], reduction="none"),
         engine.cross_entropy(x[k:], y[k:], reduction="none"),
     ]
-    np.testing.assert_array_equal(np.concatenate(parts), whole_loss)
+    forward_loss = engine.cross_entropy(x, y, reduction="none")
+    np.testing.assert_array_equal(np.concatenate(parts), forward_loss)
+    # forward and forward+grad run different loops (one also stores exp), which LLVM may
+    # vectorise with different lane counts: equal to float32 rounding, not bit for bit
+    np.testing.assert_allclose(forward_loss, whole_loss, rtol=2e-7, atol=1e-9)

@@ -1,11 +1,11 @@
 """Vectorisable math for the CPU kernels.
 
 llvmlite from PyPI has no SVML, so ``math.exp`` in a loop stays a scalar libm call. The exp
-below is plain arithmetic (Cody-Waite range reduction + Cephes' degree-5 polynomial) and an
-integer bit-cast for 2^n, which LLVM turns into SIMD. Rounding uses float->int conversion,
-not the ``(x + M) - M`` trick, because ``reassoc`` (needed for vector sums) folds that trick
-away. These helpers are compiled with strict flags: LLVM keeps each instruction's own flags
-after inlining, so a kernel's ``reassoc`` cannot reassociate the range reduction.
+below is plain arithmetic (Cody-Waite range reduction + a degree-6 polynomial) and an
+integer bit-cast for 2^n, which LLVM turns into SIMD. Rounding uses the ``(x + M) - M``
+trick, but through intrinsics (llvm.fma and a flag-free fsub): Numba inlines these helpers
+into kernels compiled with ``reassoc`` (needed for vector sums), which would otherwise fold
+the trick away or distribute (t - M) * ln2 into a cancellation.
 
 float16 / bfloat16 arrive as uint16 bit patterns (Numba's CPU target has no float16) and
 are widened to float32 in registers.
@@ -57,34 +57,69 @@ def bits_from_f32(x):
     return _f32_to_bits(np.float32(x))
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a*b + c, rounded once (llvm.fma: vectorises, and fast-math cannot rewrite it)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+        fn = builder.module.declare_intrinsic("llvm.fma", [ir.FloatType()], fnty)
+        return builder.call(fn, args)
+
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
+def _sub_exact(typingctx, a, b):
+    """a - b emitted without fast-math flags, so ``reassoc`` cannot fold (t + M) - M."""
+    if not (a == b == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return types.float32(a, b), codegen
+
+
 _LOG2E = np.float32(1.4426950408889634)
+# 1.5 * 2^23 + 127: t = x*log2e + _MAGIC rounds x*log2e to an integer n in the adder and
+# leaves n + 127 (the biased exponent of 2^n) in t's low mantissa bits.
+_MAGIC = np.float32(12582912.0 + 127.0)
 _LN2_HI = np.float32(0.693359375)  # few mantissa bits: n * _LN2_HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)
-_P0 = np.float32(1.9875691500e-4)
-_P1 = np.float32(1.3981999507e-3)
-_P2 = np.float32(8.3334519073e-3)
-_P3 = np.float32(4.1665795894e-2)
-_P4 = np.float32(1.6666665459e-1)
-_P5 = np.float32(5.0000001201e-1)
+# degree-6 fit of e^r on [-ln2/2, ln2/2] (relative error 2e-9, below float32 rounding)
+_R1 = np.float32(1.0)
+_R2 = np.float32(0.4999999403953552)
+_R3 = np.float32(0.16666431725025177)
+_R4 = np.float32(0.04166799783706665)
+_R5 = np.float32(0.008374152705073357)
+_R6 = np.float32(0.0013843872584402561)
 _F32_LO = np.float32(-88.0)  # below: result flushes to 0 (exp(-88) ~ 6e-39, past normals)
 _F32_HI = np.float32(88.0)  # above: +inf (true exp overflows at 88.72; 2^n needs n <= 127)
 
 
 @njit(**_STRICT)
 def _exp_core(xc):
-    """exp(xc) for xc in [-88, 88]: Cody-Waite reduction, polynomial, 2^n by bit-cast.
+    """exp(xc) for xc in [-88, 88], ~1 ulp: Cody-Waite reduction, polynomial, 2^n by bits.
 
-    Below -87.3 the result flushes to 0 (2^-127 encodes as +0.0); NaN flows through.
+    11 vector operations. Every step whose rounding matters is an intrinsic (Numba inlines
+    helpers into the kernels, whose ``reassoc`` would otherwise distribute (t - M) * ln2
+    into a cancellation). n = -127 encodes 2^n as +0.0, so xc = -88 flushes to 0; NaN
+    flows through.
     """
-    # round(xc * log2e) via truncation of a positive number: floor(t + 0.5)
-    n = np.int32(xc * _LOG2E + np.float32(128.5)) - np.int32(128)
-    fn = np.float32(n)
-    r = xc - fn * _LN2_HI
-    r = r - fn * _LN2_LO
-    r2 = r * r
-    poly = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-    poly = poly * r2 + r + np.float32(1.0)
-    return poly * _bits_to_f32((n + np.int32(127)) << np.int32(23))
+    t = _fma(xc, _LOG2E, _MAGIC)
+    fn = _sub_exact(t, _MAGIC)
+    r = _fma(fn, -_LN2_HI, xc)
+    r = _fma(fn, -_LN2_LO, r)
+    p = _fma(r, _R6, _R5)
+    p = _fma(p, r, _R4)
+    p = _fma(p, r, _R3)
+    p = _fma(p, r, _R2)
+    p = _fma(p, r, _R1)
+    p = _fma(p, r, np.float32(1.0))
+    return p * _bits_to_f32(_f32_to_bits(t) << np.int32(23))
 
 
 @njit(**_STRICT)
