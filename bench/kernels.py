@@ -438,15 +438,16 @@ def make_providers(names: Sequence[str] | None, device: str) -> list[Provider]:
 # -- timing ------------------------------------------------------------------------------
 
 
-SETTLE_S = 0.15  # idle time before each timed call: other runtimes' spinning threads sleep
-
-
-def _time_call(call: Callable[[], object], settle: bool = False) -> tuple[float, object]:
-    if settle:
-        # JAX/XLA and OpenMP pools spin after a call; round-robin timing would otherwise
-        # charge that spinning to whichever provider runs next (measured: engine 8.3 GB/s
-        # alone vs 5.1 GB/s right after jax at C=1000 forward_grad).
-        time.sleep(SETTLE_S)
+def _time_call(call: Callable[[], object], lead_in: bool = False) -> tuple[float, object]:
+    if lead_in:
+        # One untimed call first. JAX/XLA and OpenMP pools spin after a call, so round-robin
+        # timing would charge that spinning to whichever provider runs next (measured:
+        # engine 8.3 GB/s alone vs 5.1 GB/s right after jax at C=1000 forward_grad).
+        # Sleeping instead is worse: after 0.15 s idle every provider's next call is slow
+        # (engine 17 GB/s back to back vs 9 GB/s after a sleep, C=32000 forward) while a
+        # streaming job calls its kernel back to back.
+        del_out = call()
+        del del_out
     t0 = time.perf_counter()
     out = call()
     return time.perf_counter() - t0, out
@@ -520,7 +521,7 @@ def _run_case(provs, unavailable, case, repeats, roof, base, quiet, nthreads):
     ref.clear()
     for _ in range(max(1, repeats)):
         for _p, _rec, call, times in live:
-            t, result = _time_call(call, settle=True)
+            t, result = _time_call(call, lead_in=True)
             del result
             times.append(t)
     for p, rec, _call, times in live:
