@@ -552,6 +552,13 @@ def _small_row_loss(z, w, yi, eps, zeta, W):
         ones += one if big else zero
         rest += zero if big else e
         dev += w[j] * (m - v) if w[j] != zero else zero
+    return _small_finish(m, ones, rest, dev, z, w, yi, eps, zeta, W)
+
+
+@njit(**_JIT)
+def _small_finish(m, ones, rest, dev, z, w, yi, eps, zeta, W):
+    """(loss, lse) of a short row from its max, exp-sum split and Σ w·(m - z)."""
+    C = z.shape[0]
     M = np.float64(m)
     S = np.float64(ones) + np.float64(rest)
     if M != M or not (M > -np.inf):
@@ -565,6 +572,63 @@ def _small_row_loss(z, w, yi, eps, zeta, W):
     if zeta != 0.0:
         loss += zeta * L * L
     return loss, L
+
+
+TILE = 16  # rows per tile in the small-C path: one float32 vector across rows
+
+
+@njit(**_JIT)
+def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev):
+    """Losses of rows r0 .. r0+count (count <= TILE) of a short-row (C <= SMALL_C) matrix.
+
+    Per-row loops over 10 classes are all overhead (horizontal max and sum, a scalar
+    remainder). The tile is transposed into ``buf`` (C x TILE) so every max/exp/sum below
+    runs across TILE rows at once, one vector per class. A short last tile is padded, so
+    every row gets the same arithmetic wherever it falls (results never depend on splits).
+    """
+    C = x.shape[1]
+    for r in range(count):
+        row = x[r0 + r]
+        for j in range(C):
+            buf[j, r] = widen(row[j])
+    for r in range(count, TILE):
+        for j in range(C):
+            buf[j, r] = as_t(0.0, w)
+    for r in range(TILE):
+        m[r] = buf[0, r]
+    for j in range(1, C):
+        col = buf[j]
+        for r in range(TILE):
+            v = col[r]
+            m[r] = v if v > m[r] else m[r]
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    for r in range(TILE):
+        ones[r] = zero
+        rest[r] = zero
+        dev[r] = zero
+    for j in range(C):
+        col = buf[j]
+        for r in range(TILE):
+            e = vexp(col[r] - m[r])
+            big = e >= one
+            ones[r] += one if big else zero
+            rest[r] += zero if big else e
+    if eps != 0.0:
+        for j in range(C):
+            col = buf[j]
+            wj = w[j]
+            if wj != zero:
+                for r in range(TILE):
+                    dev[r] += wj * (m[r] - col[r])
+    for r in range(count):
+        i = r0 + r
+        yi = y[i]
+        if yi < 0:
+            loss[i] = 0.0
+            lse[i] = np.nan
+            continue
+        loss[i], lse[i] = _small_finish(m[r], ones[r], rest[r], dev[r], x[i], w, yi, eps, zeta, W)
 
 
 @njit(**_JIT)
@@ -602,11 +666,22 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
     want_lse = kind == KIND_LOGITS
+    tiled = C <= SMALL_C and want_lse and not soft and not scratch_len
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
         none = w[0:0]  # no stored exps in a forward pass
         bms = np.empty(0)
+        if tiled:
+            buf = np.empty((C, TILE), dtype=w.dtype)
+            m = np.empty(TILE, dtype=w.dtype)
+            ones = np.empty(TILE, dtype=w.dtype)
+            rest = np.empty(TILE, dtype=w.dtype)
+            dev = np.empty(TILE, dtype=w.dtype)
+            while lo < hi:
+                k = min(TILE, hi - lo)
+                _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev)
+                lo += k
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if yi < 0:  # not counted: skipped entirely
