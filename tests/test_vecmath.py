@@ -11,6 +11,7 @@ from engine.kernels._vecmath import (
     f16_bits_to_f32,
     f32_to_bf16_bits,
     f32_to_f16_bits,
+    log_pos_f64,
 )
 from engine.kernels.cpu import FASTMATH
 
@@ -110,3 +111,29 @@ def test_non_positive_exp_matches_the_general_one():
     assert ulps.max() <= 5.0 and ulps[x[normal] > -20].max() <= 1.5
     assert np.all(got[(x < -88) & np.isfinite(x)] == 0.0)
     assert got[-3] == 0.0 and np.isnan(got[-2]) and got[-1] == 1.0
+
+
+@njit(fastmath=FASTMATH)
+def _map_log(x, out):
+    for i in range(x.shape[0]):
+        out[i] = log_pos_f64(x[i])
+
+
+def test_log_is_accurate_including_just_above_one():
+    # just above 1 is the confident row: log S = log(1 + 1e-12) must keep its digits
+    x = np.concatenate(
+        [
+            1 + np.logspace(-16, 0, 100_000),
+            np.linspace(1, 3e5, 100_001),
+            np.logspace(-300, 300, 10_001),
+        ]
+    )
+    out = np.empty_like(x)
+    _map_log(x, out)
+    ref = np.log(x)
+    rel = np.abs(out - ref) / np.maximum(np.abs(ref), 1e-300)
+    assert rel.max() < 1e-13
+    special = np.array([np.nan, 1.0])
+    out = np.empty_like(special)
+    _map_log(special, out)
+    assert np.isnan(out[0]) and out[1] == 0.0

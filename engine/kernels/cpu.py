@@ -37,6 +37,7 @@ from engine.kernels._vecmath import (
     f16_bits_to_f32,
     f32_to_bf16_bits,
     f32_to_f16_bits,
+    log_pos_f64,
 )
 from engine.options import KIND_LOG_PROBS, KIND_LOGITS, KIND_PROBS
 
@@ -574,12 +575,14 @@ def _small_finish(m, ones, rest, dev, z, w, yi, eps, zeta, W):
     return loss, L
 
 
-TILE = 16  # rows per tile in the small-C path: one float32 vector across rows
+TILE = 64  # rows per tile in the small-C forward: 4 float32 vectors across rows (best of
+# 16/32/64/128/256 at C = 10; 16 and 64 tie at C = 64)
+TILE_C = 128  # tiles beat the per-row path up to here (C = 128: +25%; C = 256: -40%)
 
 
 @njit(**_JIT)
-def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev):
-    """Losses of rows r0 .. r0+count (count <= TILE) of a short-row (C <= SMALL_C) matrix.
+def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev, tmp):
+    """Losses of rows r0 .. r0+count (count <= TILE) of a short-row (C <= TILE_C) matrix.
 
     Per-row loops over 10 classes are all overhead (horizontal max and sum, a scalar
     remainder). The tile is transposed into ``buf`` (C x TILE) so every max/exp/sum below
@@ -587,13 +590,18 @@ def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, 
     every row gets the same arithmetic wherever it falls (results never depend on splits).
     """
     C = x.shape[1]
-    for r in range(count):
-        row = x[r0 + r]
-        for j in range(C):
-            buf[j, r] = widen(row[j])
-    for r in range(count, TILE):
-        for j in range(C):
-            buf[j, r] = as_t(0.0, w)
+    tgt = tmp[0]  # float64 scratch rows (TILE each) for the finish
+    zy = tmp[1]
+    wy = tmp[2]
+    lt = tmp[3]
+    Lt = tmp[4]
+    blk = x[r0 : r0 + count]
+    for j in range(C):  # column-wise: strided gathers, contiguous stores (measured faster)
+        col = buf[j]
+        for r in range(count):
+            col[r] = widen(blk[r, j])
+        for r in range(count, TILE):
+            col[r] = as_t(0.0, w)
     for r in range(TILE):
         m[r] = buf[0, r]
     for j in range(1, C):
@@ -621,14 +629,30 @@ def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, 
             if wj != zero:
                 for r in range(TILE):
                     dev[r] += wj * (m[r] - col[r])
+    # gather each row's target logit and weight (padding and ignored rows: a harmless 0)
+    for r in range(TILE):
+        yi = y[r0 + r] if r < count else -1
+        tgt[r] = yi
+        zy[r] = np.float64(buf[yi, r]) if yi >= 0 else 0.0
+        wy[r] = np.float64(w[yi]) if yi >= 0 else 0.0
+    # the finish, across the tile too: branch-free, with a polynomial log (libm's is scalar)
+    c1 = 1.0 - eps
+    ce = eps / C
+    for r in range(TILE):
+        M = np.float64(m[r])
+        log_s = log_pos_f64(np.float64(ones[r]) + np.float64(rest[r]))
+        L = M + log_s
+        li = c1 * wy[r] * ((M - zy[r]) + log_s)
+        li = li + ce * (np.float64(dev[r]) + W * log_s) if eps != 0.0 else li
+        li = li + zeta * L * L if zeta != 0.0 else li
+        finite = M > -np.inf  # False for NaN and all -inf rows: loss NaN, lse -inf
+        lt[r] = li if finite else np.nan
+        Lt[r] = L if finite else -np.inf
     for r in range(count):
         i = r0 + r
-        yi = y[i]
-        if yi < 0:
-            loss[i] = 0.0
-            lse[i] = np.nan
-            continue
-        loss[i], lse[i] = _small_finish(m[r], ones[r], rest[r], dev[r], x[i], w, yi, eps, zeta, W)
+        counted = tgt[r] >= 0
+        loss[i] = lt[r] if counted else 0.0
+        lse[i] = Lt[r] if counted else np.nan
 
 
 @njit(**_JIT)
@@ -666,7 +690,7 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
     want_lse = kind == KIND_LOGITS
-    tiled = C <= SMALL_C and want_lse and not soft and not scratch_len
+    tiled = C <= TILE_C and want_lse and not soft and not scratch_len
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
@@ -678,9 +702,10 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
             ones = np.empty(TILE, dtype=w.dtype)
             rest = np.empty(TILE, dtype=w.dtype)
             dev = np.empty(TILE, dtype=w.dtype)
+            tmp = np.empty((5, TILE))
             while lo < hi:
                 k = min(TILE, hi - lo)
-                _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev)
+                _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev, tmp)
                 lo += k
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
