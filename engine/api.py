@@ -111,17 +111,19 @@ def prepare_targets(target, n: int, c: int, opts: LossOptions, compute, valid=No
             f"class-index targets must be integers, got {target.dtype} "
             "(2-D float targets are read as probabilities)"
         )
-    y = target.astype(np.int64)
-    counted = y != opts.ignore_index
-    if valid is not None:
-        counted &= np.asarray(valid, dtype=bool)
-    bad = counted & ((y < 0) | (y >= c))
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise TargetOutOfRange(int(y[row]), row, c)
-    y = np.where(counted, y, -1)
-    weight_sum = float(np.sum(w[y[counted]], dtype=np.float64))
-    return Targets(y, None, counted, weight_sum, int(counted.sum()))
+    from engine.kernels.targets import class_targets  # numba: imported on first use
+
+    if target.dtype == bool:
+        target = target.view(np.uint8)
+    mask = np.zeros(0, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    y = np.empty(n, dtype=np.int64)
+    counted = np.empty(n, dtype=bool)
+    weight_sum, rows, bad = class_targets(
+        target, c, int(opts.ignore_index), mask, np.asarray(w, dtype=np.float64), y, counted
+    )
+    if bad >= 0:
+        raise TargetOutOfRange(int(target[bad]), bad, c)
+    return Targets(y, None, counted, weight_sum, rows)
 
 
 def make_problem(logits, targets: Targets, opts: LossOptions) -> Problem:

@@ -530,71 +530,45 @@ def _thread_span(b, nb, n):
     return b * n // nb, (b + 1) * n // nb
 
 
-SMALL_C = 64  # rows this short skip the block machinery: per-row overhead dominates them
+# Rows with few classes are processed in transposed tiles (see _tile_reduce).
+TILE = 64  # rows per tile: 4 float32 vectors across rows (best of 16/32/64/128/256 at C = 10)
+TILE_C = 128  # tiles beat the per-row path up to here: forward +25% at C = 128, -40% at 256;
+# forward+grad: 4x at C = 10, +16% at C = 128
+
+
+# float64 scratch rows of a tile (tmp[k] has TILE lanes)
+_T_TGT, _T_ZY, _T_WY, _T_LOSS, _T_LSE, _T_S, _T_EY, _T_GY, _T_SC, _T_ZS = range(10)
+# compute-dtype rows (acc[k])
+_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE = range(6)
 
 
 @njit(**_JIT)
-def _small_row_loss(z, w, yi, eps, zeta, W):
-    """_row_loss for a short logits row with a class target, all in registers."""
-    C = z.shape[0]
-    m = widen(z[0])
-    for j in range(1, C):
-        v = widen(z[j])
-        m = v if v > m else m
-    one = as_t(1.0, w)
-    zero = as_t(0.0, w)
-    ones = zero
-    rest = zero
-    dev = zero
-    for j in range(C):
-        v = widen(z[j])
-        e = vexp(v - m)
-        big = e >= one
-        ones += one if big else zero
-        rest += zero if big else e
-        dev += w[j] * (m - v) if w[j] != zero else zero
-    return _small_finish(m, ones, rest, dev, z, w, yi, eps, zeta, W)
+def _tile_scratch(C, w):
+    return (
+        np.empty((C, TILE), dtype=w.dtype),
+        np.empty((6, TILE), dtype=w.dtype),
+        np.empty((10, TILE)),
+    )
 
 
 @njit(**_JIT)
-def _small_finish(m, ones, rest, dev, z, w, yi, eps, zeta, W):
-    """(loss, lse) of a short row from its max, exp-sum split and Σ w·(m - z)."""
-    C = z.shape[0]
-    M = np.float64(m)
-    S = np.float64(ones) + np.float64(rest)
-    if M != M or not (M > -np.inf):
-        return np.nan, -np.inf  # an all -inf row: loss NaN, lse -inf, as the general path
-    log_s = math.log(S)
-    L = M + log_s
-    zy = np.float64(widen(z[yi]))
-    loss = (1.0 - eps) * w[yi] * ((M - zy) + log_s)
-    if eps != 0.0:
-        loss += eps / C * (np.float64(dev) + W * log_s)
-    if zeta != 0.0:
-        loss += zeta * L * L
-    return loss, L
-
-
-TILE = 64  # rows per tile in the small-C forward: 4 float32 vectors across rows (best of
-# 16/32/64/128/256 at C = 10; 16 and 64 tie at C = 64)
-TILE_C = 128  # tiles beat the per-row path up to here (C = 128: +25%; C = 256: -40%)
-
-
-@njit(**_JIT)
-def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev, tmp):
-    """Losses of rows r0 .. r0+count (count <= TILE) of a short-row (C <= TILE_C) matrix.
+def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp):
+    """Max, exp-sum split and Σ w·(m - z) of rows r0 .. r0+count (count <= TILE).
 
     Per-row loops over 10 classes are all overhead (horizontal max and sum, a scalar
     remainder). The tile is transposed into ``buf`` (C x TILE) so every max/exp/sum below
     runs across TILE rows at once, one vector per class. A short last tile is padded, so
     every row gets the same arithmetic wherever it falls (results never depend on splits).
+    With ``keep_exp``, buf ends up holding exp(z - m) instead of z.
     """
     C = x.shape[1]
-    tgt = tmp[0]  # float64 scratch rows (TILE each) for the finish
-    zy = tmp[1]
-    wy = tmp[2]
-    lt = tmp[3]
-    Lt = tmp[4]
+    m = acc[_A_MAX]
+    ones = acc[_A_ONES]
+    rest = acc[_A_REST]
+    dev = acc[_A_DEV]
+    tgt = tmp[_T_TGT]
+    zy = tmp[_T_ZY]
+    wy = tmp[_T_WY]
     blk = x[r0 : r0 + count]
     for j in range(C):  # column-wise: strided gathers, contiguous stores (measured faster)
         col = buf[j]
@@ -609,19 +583,18 @@ def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, 
         for r in range(TILE):
             v = col[r]
             m[r] = v if v > m[r] else m[r]
+    # each row's target logit and weight (padding and ignored rows: a harmless 0)
+    for r in range(TILE):
+        yi = y[r0 + r] if r < count else -1
+        tgt[r] = yi
+        zy[r] = np.float64(buf[yi, r]) if yi >= 0 else 0.0
+        wy[r] = np.float64(w[yi]) if yi >= 0 else 0.0
     one = as_t(1.0, w)
     zero = as_t(0.0, w)
     for r in range(TILE):
         ones[r] = zero
         rest[r] = zero
         dev[r] = zero
-    for j in range(C):
-        col = buf[j]
-        for r in range(TILE):
-            e = vexp(col[r] - m[r])
-            big = e >= one
-            ones[r] += one if big else zero
-            rest[r] += zero if big else e
     if eps != 0.0:
         for j in range(C):
             col = buf[j]
@@ -629,57 +602,117 @@ def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, m, ones, rest, 
             if wj != zero:
                 for r in range(TILE):
                     dev[r] += wj * (m[r] - col[r])
-    # gather each row's target logit and weight (padding and ignored rows: a harmless 0)
-    for r in range(TILE):
-        yi = y[r0 + r] if r < count else -1
-        tgt[r] = yi
-        zy[r] = np.float64(buf[yi, r]) if yi >= 0 else 0.0
-        wy[r] = np.float64(w[yi]) if yi >= 0 else 0.0
-    # the finish, across the tile too: branch-free, with a polynomial log (libm's is scalar)
+    if keep_exp:
+        for j in range(C):
+            col = buf[j]
+            for r in range(TILE):
+                e = vexp(col[r] - m[r])
+                big = e >= one
+                ones[r] += one if big else zero
+                rest[r] += zero if big else e
+                col[r] = e
+    else:
+        for j in range(C):
+            col = buf[j]
+            for r in range(TILE):
+                e = vexp(col[r] - m[r])
+                big = e >= one
+                ones[r] += one if big else zero
+                rest[r] += zero if big else e
+
+
+@njit(**_JIT)
+def _tile_finish(C, eps, zeta, W, acc, tmp):
+    """Per-row loss, lse and S of a reduced tile, branch-free with a polynomial log
+    (libm's log is scalar), so this too runs across the tile."""
+    m = acc[_A_MAX]
+    dev = acc[_A_DEV]
+    zy = tmp[_T_ZY]
+    wy = tmp[_T_WY]
     c1 = 1.0 - eps
     ce = eps / C
     for r in range(TILE):
         M = np.float64(m[r])
-        log_s = log_pos_f64(np.float64(ones[r]) + np.float64(rest[r]))
+        S = np.float64(acc[_A_ONES, r]) + np.float64(acc[_A_REST, r])
+        log_s = log_pos_f64(S)
         L = M + log_s
         li = c1 * wy[r] * ((M - zy[r]) + log_s)
         li = li + ce * (np.float64(dev[r]) + W * log_s) if eps != 0.0 else li
         li = li + zeta * L * L if zeta != 0.0 else li
         finite = M > -np.inf  # False for NaN and all -inf rows: loss NaN, lse -inf
-        lt[r] = li if finite else np.nan
-        Lt[r] = L if finite else -np.inf
-    for r in range(count):
-        i = r0 + r
-        counted = tgt[r] >= 0
-        loss[i] = lt[r] if counted else 0.0
-        lse[i] = Lt[r] if counted else np.nan
+        tmp[_T_LOSS, r] = li if finite else np.nan
+        tmp[_T_LSE, r] = L if finite else -np.inf
+        tmp[_T_S, r] = S
 
 
 @njit(**_JIT)
-def _small_row_loss_grad(z, out, w, yi, eps, zeta, W, scale, zscale):
-    """_small_row_loss plus the gradient into ``out`` (float, may alias z)."""
-    C = z.shape[0]
-    zy = np.float64(widen(z[yi]))
-    loss, L = _small_row_loss(z, w, yi, eps, zeta, W)
-    if L == -np.inf:  # all -inf row: NaN everywhere, as the general path
-        for j in range(C):
-            out[j] = np.nan
-        return loss, L
-    M = np.float64(widen(z[0]))
-    for j in range(1, C):
-        v = np.float64(widen(z[j]))
-        M = v if v > M else M
-    S = math.exp(L - M)
+def _tile_store_losses(r0, count, tmp, loss, lse):
+    for r in range(count):
+        i = r0 + r
+        counted = tmp[_T_TGT, r] >= 0
+        loss[i] = tmp[_T_LOSS, r] if counted else 0.0
+        lse[i] = tmp[_T_LSE, r] if counted else np.nan
+
+
+@njit(**_JIT)
+def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, acc, tmp):
+    """Losses of rows r0 .. r0+count of a short-row (C <= TILE_C) matrix."""
+    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, False)
+    _tile_finish(x.shape[1], eps, zeta, W, acc, tmp)
+    _tile_store_losses(r0, count, tmp, loss, lse)
+
+
+@njit(**_JIT)
+def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, out, buf, acc, tmp):
+    """_tile_loss plus the gradient rows into ``out`` (float, may alias x).
+
+    g = K·e - scale·c0·w with K = (scale·(c1·w_y + c0·W) + 2ζ·zscale·L)/S; the target
+    entry in float64 from S and the stored e_y (p_y - 1 cancels badly in float32).
+    """
+    C = x.shape[1]
+    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, True)
+    _tile_finish(C, eps, zeta, W, acc, tmp)
     c1 = 1.0 - eps
     c0 = eps / C
-    zterm = zscale * 2.0 * zeta * L
-    K = as_t((scale * (c1 * w[yi] + c0 * W) + zterm) / S, w)
-    Mt = as_t(M, w)
-    se = as_t(scale * c0, w)
+    for r in range(TILE):
+        yi = np.int64(tmp[_T_TGT, r])
+        tmp[_T_EY, r] = np.float64(buf[yi, r]) if yi >= 0 else 0.0
+        tmp[_T_SC, r] = scale[r0 + r] if r < count else 0.0
+        tmp[_T_ZS, r] = zscale[r0 + r] if r < count else 0.0
+    for r in range(TILE):
+        sc = tmp[_T_SC, r]
+        zterm = tmp[_T_ZS, r] * 2.0 * zeta * tmp[_T_LSE, r] if zeta != 0.0 else 0.0
+        S = tmp[_T_S, r]
+        wy = tmp[_T_WY, r]
+        ey = tmp[_T_EY, r]
+        acc[_A_K, r] = as_t((sc * (c1 * wy + c0 * W) + zterm) / S, w)
+        acc[_A_SE, r] = as_t(sc * c0, w)
+        gy = sc * c1 * wy * (-(S - ey) / S) + (sc * c0 * W + zterm) * (ey / S) - sc * c0 * wy
+        tmp[_T_GY, r] = gy
+    K = acc[_A_K]
+    se = acc[_A_SE]
     for j in range(C):
-        out[j] = K * vexp(widen(z[j]) - Mt) - se * w[j]
-    _write_target_grad(out, w, yi, c1, c0, W, S, M, zy, zterm, scale, 0.0)
-    return loss, L
+        col = buf[j]
+        wj = w[j]
+        for r in range(TILE):
+            col[r] = K[r] * col[r] - se[r] * wj
+    oblk = out[r0 : r0 + count]
+    for j in range(C):  # transposed back column-wise, like the load
+        col = buf[j]
+        for r in range(count):
+            oblk[r, j] = col[r]
+    for r in range(count):
+        orow = oblk[r]
+        yi = np.int64(tmp[_T_TGT, r])
+        if yi < 0:  # not counted: a zero row
+            for j in range(C):
+                orow[j] = 0.0
+        elif tmp[_T_LSE, r] == -np.inf:  # all -inf row: NaN everywhere, as the general path
+            for j in range(C):
+                orow[j] = np.nan
+        else:
+            orow[yi] = tmp[_T_GY, r]
+    _tile_store_losses(r0, count, tmp, loss, lse)
 
 
 @njit(**_PAR)
@@ -697,15 +730,10 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
         none = w[0:0]  # no stored exps in a forward pass
         bms = np.empty(0)
         if tiled:
-            buf = np.empty((C, TILE), dtype=w.dtype)
-            m = np.empty(TILE, dtype=w.dtype)
-            ones = np.empty(TILE, dtype=w.dtype)
-            rest = np.empty(TILE, dtype=w.dtype)
-            dev = np.empty(TILE, dtype=w.dtype)
-            tmp = np.empty((5, TILE))
+            buf, acc, tmp = _tile_scratch(C, w)
             while lo < hi:
                 k = min(TILE, hi - lo)
-                _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, m, ones, rest, dev, tmp)
+                _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, acc, tmp)
                 lo += k
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
@@ -716,9 +744,6 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
             Wi = W
             if soft:
                 Wi = 0.0  # unused: soft losses use Σ u from the row pass
-            if C <= SMALL_C and want_lse and not soft and not scratch_len:
-                loss[i], lse[i] = _small_row_loss(x[i], w, yi, eps, zeta, W)
-                continue
             if scratch_len:
                 _transform_row(x[i], scratch, cap, kind)
                 li, Li, _, _, _ = _row_loss(
@@ -746,10 +771,19 @@ def forward_grad_kernel(
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
     want_lse = kind == KIND_LOGITS
+    tiled = store_exp and C <= TILE_C and not soft
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
         bms = np.empty((C + BLOCK - 1) // BLOCK)
+        if tiled:
+            buf, acc, tmp = _tile_scratch(C, w)
+            while lo < hi:
+                k = min(TILE, hi - lo)
+                _tile_loss_grad(
+                    x, y, lo, k, w, eps, zeta, W, scale, zscale, loss, lse, out, buf, acc, tmp
+                )
+                lo += k
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if yi < 0:
@@ -761,11 +795,7 @@ def forward_grad_kernel(
             if soft:
                 # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
                 Wg = _soft_total(w, t[i], 1.0 - eps, eps / C)
-            if store_exp and C <= SMALL_C and not soft:
-                li, Li = _small_row_loss_grad(
-                    x[i], out[i], w, yi, eps, zeta, W, scale[i], zscale[i]
-                )
-            elif store_exp:
+            if store_exp:
                 li, Li, M, S, zy = _row_loss(
                     x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms
                 )
