@@ -230,6 +230,36 @@ def test_nan_row_is_nan_only_for_that_row(rng):
     assert np.isnan(grad[3]).all() and np.isfinite(np.delete(grad, [3, 6], axis=0)).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_of_several_blocks(rng, dtype):
+    """Rows longer than a block (4096): later blocks are summed against the running max in
+    one pass, and redone when they hold a new max. Exercise both, with confident rows."""
+    C = 3 * 4096 + 7
+    x = (rng.standard_normal((8, C)) * 2).astype(dtype)
+    y = rng.integers(0, C, 8)
+    x[0] = 0
+    x[0, C - 3] = 30  # confident, max in the last block
+    y[0] = C - 3
+    x[1] = np.linspace(0, 10, C)  # a new max in every block
+    y[1] = C - 1
+    x[2, :4096] = -np.inf  # first block masked: the running max starts late
+    x[3] = 0
+    x[3, 5] = 25  # confident, max in the first block: every later block takes one pass
+    y[3] = 5
+    x[4, 100] = 40  # a new max far above the first block's, in the same block
+    x[5, 9000] = 40  # ... and in a later block
+    check(x, y, reduction="none")
+    check(x, y, label_smoothing=0.1, reduction="none")
+    bad = x.copy()
+    bad[6, C - 1] = np.nan  # NaN in the last block, after a max-free pass
+    bad[7, 5000] = np.inf
+    loss = engine.cross_entropy(bad, y, reduction="none")
+    assert np.isnan(loss[6]) and np.isnan(loss[7]) and np.isfinite(loss[:6]).all()
+    loss_g, grad = engine.cross_entropy_grad(bad, y, reduction="none")
+    np.testing.assert_array_equal(np.isnan(loss_g), np.isnan(loss))
+    assert np.isnan(grad[6]).all() and np.isfinite(grad[:6]).all()
+
+
 def test_all_masked_row_is_nan_like_torch():
     x = np.full((2, 5), -np.inf, np.float32)
     x[1] = 0

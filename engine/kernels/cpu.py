@@ -216,6 +216,37 @@ def _block_sumexp(row, lo, hi, bm, w, store):
 
 
 @njit(**_JIT)
+def _block_sumexp_below(row, lo, hi, M, w, store):
+    """_block_sumexp with a shift M that is not the block's max, plus the count of
+    elements above M (when non-zero the sums are garbage: the caller redoes the block)."""
+    ones = as_t(0.0, w)
+    rest = as_t(0.0, w)
+    above = as_t(0.0, w)
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    row = row[lo:hi]  # see _block_max: sliced loops vectorise, offset ones do not
+    if store.shape[0] == 0:
+        for j in range(row.shape[0]):
+            v = widen(row[j])
+            e = vexp(v - M)
+            big = e >= one
+            ones += one if big else zero
+            rest += zero if big else e
+            above += one if v > M else zero
+    else:
+        sb = store[lo:hi]
+        for j in range(row.shape[0]):
+            v = widen(row[j])
+            e = vexp(v - M)
+            sb[j] = e
+            big = e >= one
+            ones += one if big else zero
+            rest += zero if big else e
+            above += one if v > M else zero
+    return ones, rest, above
+
+
+@njit(**_JIT)
 def _block_has_nan(row, lo, hi):
     for j in range(lo, hi):
         v = widen(row[j])
@@ -291,18 +322,34 @@ def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy, store, bms)
     wsum_bm = 0.0  # Σ_blocks U_b·bm, to move deviations from block max to the row max
     lo = 0
     b = 0
+    one_pass = want_sum and not want_dev and not want_entropy
     while lo < n:
         hi = min(lo + BLOCK, n)
+        if one_pass and lo > 0 and M > -np.inf:
+            # Shift by the running max and skip the max pass: one read of the block
+            # instead of two (the max pass is the one that waits on memory). Valid only if
+            # nothing here exceeds M; otherwise fall through and redo it from L1.
+            ones, rest, above = _block_sumexp_below(row, lo, hi, as_t(M, w), w, store)
+            if above == 0:
+                if keep:
+                    bms[b] = M
+                b += 1
+                S += np.float64(ones) + np.float64(rest)
+                lo = hi
+                continue
         bm = _block_max(row, lo, hi, w)
         bm64 = np.float64(bm)
         if keep:
             bms[b] = bm64
         b += 1
         if want_dev:
-            a, ub = _block_deviation(row, lo, hi, bm, w, t, c1, c0)
+            # deviations are taken from the block max, or from 0 in an all -inf block
+            # (where -inf - -inf would make NaN of the +inf that -log p is there)
+            ref = bm if bm64 != -np.inf else as_t(0.0, w)
+            a, ub = _block_deviation(row, lo, hi, ref, w, t, c1, c0)
             D += np.float64(a)
             U += np.float64(ub)
-            wsum_bm += np.float64(ub) * bm64 if ub != 0 else 0.0
+            wsum_bm += np.float64(ub) * np.float64(ref) if ub != 0 else 0.0
         if want_sum and bm64 != -np.inf:
             if want_entropy:
                 ones, rest, h = _block_sumexp_entropy(row, lo, hi, bm, w)
