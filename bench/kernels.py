@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python -m bench.kernels [--quick] [--classes 10,1000] [--dtypes float32,float16]
         [--modes forward,forward_grad,row_stats] [--providers engine-cpu,torch-eager]
-        [--repeats 5] [--threads 2] [--rows N] [--device cpu|cuda|all] [--json] [--no-save]
+        [--repeats 7] [--threads 2] [--rows N] [--device cpu|cuda|all] [--json] [--no-save]
     python -m bench.kernels --cold-start
 
 Importable: ``run(...)`` returns one dict per (provider, mode, dtype, classes) and
@@ -51,7 +51,8 @@ fresh ``np.empty_like`` per call), so a per-call allocation measures the VM, not
 Timing: warm-up calls first (compilation excluded for every provider; the engine's very
 first call of a case is timed separately as ``first_call_s``: Numba compile or cache load
 when it is the first call of its kernel and dtype in the process), then ``repeats`` timed
-calls: median, p20 and p80 seconds. ``ratio_to_best_peer`` = engine GB/s / best peer GB/s
+calls, round-robin over the providers in a rotating order, each after one untimed
+lead-in call: median, p20 and p80 seconds. ``ratio_to_best_peer`` = engine GB/s / best peer GB/s
 for the same shape, measured in the same process (CPU engine vs CPU peers, CUDA vs CUDA).
 ``roofline_share`` = GB/s / this machine's read bandwidth (forward, row_stats) or copy
 bandwidth (forward_grad), measured by bench/roofline.py in the same run.
@@ -519,8 +520,10 @@ def _run_case(provs, unavailable, case, repeats, roof, base, quiet, nthreads):
             _warn_check(quiet, rec)
         live.append((p, rec, call, []))
     ref.clear()
-    for _ in range(max(1, repeats)):
-        for _p, _rec, call, times in live:
+    for k in range(max(1, repeats)):
+        # rotate the order each round, so no provider always follows the same neighbour
+        # (XLA's pool, for one, keeps spinning into whatever runs next)
+        for _p, _rec, call, times in live[k % len(live) :] + live[: k % len(live)]:
             t, result = _time_call(call, lead_in=True)
             del result
             times.append(t)
@@ -601,7 +604,7 @@ def run(
     dtypes: Sequence[str] = ("float32",),
     modes: Sequence[str] = DEFAULT_MODES,
     providers: Sequence[str] | None = None,
-    repeats: int = 5,
+    repeats: int = 7,
     device: str = "cpu",
     quick: bool = False,
     json: bool = False,
@@ -971,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", type=_csv_list, default=["float32"])
     parser.add_argument("--modes", type=_csv_list, default=list(DEFAULT_MODES))
     parser.add_argument("--providers", type=_csv_list)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--repeats-large", type=int, help="timed calls for C >= 128256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, help="fixed rows (default: ~100 MB of logits)")
