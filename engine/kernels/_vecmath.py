@@ -205,20 +205,37 @@ def log_pos_f64(x):
     return r if x == x else x
 
 
+@intrinsic
+def _half_bits_to_f32(typingctx, h):
+    """IEEE half bits -> float32 as LLVM's fpext: one vcvtph2ps per 16 values (F16C),
+    exact for every bit pattern (a libcall on CPUs without a conversion instruction)."""
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _f32_to_half_bits(typingctx, x):
+    """float32 -> IEEE half bits as LLVM's fptrunc (vcvtps2ph): round to nearest even."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.uint16(x), codegen
+
+
 @njit(**_STRICT)
 def f16_bits_to_f32(h):
-    """IEEE half (as uint16 bits) -> float32, exact, branch-free (vectorises).
-
-    Shifting the 15 low bits into place and multiplying by 2^112 rebiases the exponent,
-    subnormal halves included; all-ones exponents (inf/NaN) are patched afterwards.
-    """
-    h = np.int32(h) & np.int32(0xFFFF)
-    body = (h & np.int32(0x7FFF)) << np.int32(13)
-    f = _bits_to_f32(body) * np.float32(5.192296858534828e33)  # 2^112
-    special = _bits_to_f32(body | np.int32(0x7F800000))
-    f = special if (h & np.int32(0x7C00)) == np.int32(0x7C00) else f
-    sign = (h & np.int32(0x8000)) << np.int32(16)
-    return _bits_to_f32(_f32_to_bits(f) | sign)
+    """IEEE half (as uint16 bits) -> float32, exact (a hardware conversion that vectorises)."""
+    return _half_bits_to_f32(np.uint16(h))
 
 
 @njit(**_STRICT)
@@ -226,23 +243,10 @@ def bf16_bits_to_f32(h):
     return _bits_to_f32((np.int32(h) & np.int32(0xFFFF)) << np.int32(16))
 
 
-@njit(cache=True)
+@njit(**_STRICT)
 def f32_to_f16_bits(x):
-    """float32 -> IEEE half bits, round to nearest even (F. Giesen's float_to_half_fast3)."""
-    f = _f32_to_bits(np.float32(x))
-    sign = f & np.int32(-2147483648)
-    f = f ^ sign
-    if f >= np.int32(0x47800000):  # >= 65536 (after rounding) or inf / NaN
-        o = np.int32(0x7E00) if f > np.int32(0x7F800000) else np.int32(0x7C00)
-    elif f < np.int32(0x38800000):  # result is subnormal or zero
-        fl = _bits_to_f32(f) + np.float32(0.5)  # 0.5 = denorm magic: rounds via the adder
-        o = _f32_to_bits(fl) - np.int32(0x3F000000)
-    else:
-        mant_odd = (f >> np.int32(13)) & np.int32(1)
-        f = f + np.int32(-939524096 + 0xFFF) + mant_odd  # rebias exponent, round
-        o = f >> np.int32(13)
-    o = o | (sign >> np.int32(16)) & np.int32(0xFFFF)
-    return np.uint16(o & np.int32(0xFFFF))
+    """float32 -> IEEE half bits, round to nearest even (a hardware conversion)."""
+    return _f32_to_half_bits(np.float32(x))
 
 
 @njit(cache=True)

@@ -748,7 +748,7 @@ def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, acc, tmp):
 
 @njit(**_JIT)
 def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, out, buf, acc, tmp):
-    """_tile_loss plus the gradient rows into ``out`` (float, may alias x).
+    """_tile_loss plus the gradient rows into ``out`` (any storage dtype, may alias x).
 
     g = K·e - scale·c0·w with K = (scale·(c1·w_y + c0·W) + 2ζ·zscale·L)/S; the target
     entry in float64 from S and the stored e_y (p_y - 1 cancels badly in float32).
@@ -780,22 +780,19 @@ def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, 
         wj = w[j]
         for r in range(TILE):
             col[r] = K[r] * col[r] - se[r] * wj
-    oblk = out[r0 : r0 + count]
-    for j in range(C):  # transposed back column-wise, like the load
-        col = buf[j]
-        for r in range(count):
-            oblk[r, j] = col[r]
     for r in range(count):
-        orow = oblk[r]
+        orow = out[r0 + r]
         yi = np.int64(tmp[_T_TGT, r])
         if yi < 0:  # not counted: a zero row
             for j in range(C):
-                orow[j] = 0.0
+                narrow(orow, j, as_t(0.0, w))
         elif tmp[_T_LSE, r] == -np.inf:  # all -inf row: NaN everywhere, as the general path
             for j in range(C):
-                orow[j] = np.nan
+                narrow(orow, j, as_t(np.nan, w))
         else:
-            orow[yi] = tmp[_T_GY, r]
+            for j in range(C):
+                narrow(orow, j, buf[j, r])
+            narrow(orow, yi, as_t(tmp[_T_GY, r], w))
     _tile_store_losses(r0, count, tmp, loss, lse)
 
 
@@ -858,7 +855,8 @@ def forward_grad_kernel(
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
     want_lse = kind == KIND_LOGITS
-    tiled = store_exp and C <= TILE_GRAD_C and not soft
+    # tiles keep their exps in a float scratch, so any out dtype (float16 too) can use them
+    tiled = kind == KIND_LOGITS and cap == 0.0 and C <= TILE_GRAD_C and not soft
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
