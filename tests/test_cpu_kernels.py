@@ -329,6 +329,30 @@ def test_row_stats(rng, opts, classes):
     assert (got["target_rank"][ignored] == -1).all() and (got["loss"][ignored] == 0).all()
 
 
+@pytest.mark.parametrize("classes", [10, 300])  # 10: transposed tiles; 300: row by row
+def test_row_stats_edge_rows(rng, classes):
+    x, y = _inputs(rng, 70, classes)
+    x[1, 0] = np.nan  # NaN first
+    x[2, 3] = np.nan
+    x[3] = -np.inf  # all masked
+    x[4] = -np.inf
+    x[4, 2] = np.nan  # masked and NaN
+    x[5] = 1.0  # ties
+    y[6] = -100  # ignored: stats still computed, loss 0, rank -1
+    got = engine.row_stats(x, y).as_dict()
+    ref = R.row_stats(x, y)
+    normal = np.r_[0, 5:70]
+    for key in ("loss", "lse", "target_logprob", "max_prob", "entropy"):
+        _close(got[key][normal], ref[key][normal], 3e-6 if key != "entropy" else 2e-5)
+    np.testing.assert_array_equal(got["target_rank"][normal], ref["target_rank"][normal])
+    np.testing.assert_array_equal(got["argmax"][normal], ref["argmax"][normal])
+    assert got["argmax"][1] == 0 and got["argmax"][2] == min(3, np.nanargmax(x[2]))
+    for key in ("loss", "lse", "target_logprob", "max_prob", "entropy"):
+        assert np.isnan(got[key][[1, 2, 4]]).all(), key
+    assert got["lse"][3] == -np.inf and np.isnan(got["loss"][3])
+    assert got["loss"][6] == 0 and got["target_rank"][6] == -1 and np.isfinite(got["lse"][6])
+
+
 def test_row_stats_soft_targets_have_kl(rng):
     x, _ = _inputs(rng, 30, 20)
     t = rng.random((30, 20))

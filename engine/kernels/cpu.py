@@ -590,27 +590,28 @@ TILE_GRAD_C = 128  # forward+grad: transposed tiles up to here (4x at C = 10, +1
 # float64 scratch rows of a tile (tmp[k] has TILE lanes)
 _T_TGT, _T_ZY, _T_WY, _T_LOSS, _T_LSE, _T_S, _T_EY, _T_GY, _T_SC, _T_ZS, _T_M, _T_D = range(12)
 # compute-dtype rows (acc[k])
-_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE = range(6)
+_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE, _A_SH, _A_H, _A_ZYT, _A_RANK, _A_AM = range(11)
 
 
 @njit(**_JIT)
 def _tile_scratch(C, w):
     return (
         np.empty((C, TILE), dtype=w.dtype),
-        np.empty((6, TILE), dtype=w.dtype),
+        np.empty((11, TILE), dtype=w.dtype),
         np.empty((12, TILE)),
     )
 
 
 @njit(**_JIT)
-def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp):
+def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp, entropy):
     """Max, exp-sum split and Σ w·(m - z) of rows r0 .. r0+count (count <= TILE).
 
     Per-row loops over 10 classes are all overhead (horizontal max and sum, a scalar
     remainder). The tile is transposed into ``buf`` (C x TILE) so every max/exp/sum below
     runs across TILE rows at once, one vector per class. A short last tile is padded, so
     every row gets the same arithmetic wherever it falls (results never depend on splits).
-    With ``keep_exp``, buf ends up holding exp(z - m) instead of z.
+    With ``keep_exp``, buf ends up holding exp(z - m) instead of z; with ``entropy``,
+    acc[_A_H] gets Σ e·(m - z).
     """
     C = x.shape[1]
     m = acc[_A_MAX]
@@ -642,10 +643,14 @@ def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp):
         wy[r] = np.float64(w[yi]) if yi >= 0 else 0.0
     one = as_t(1.0, w)
     zero = as_t(0.0, w)
+    sh = acc[_A_SH]  # the exp shift: the max, or 0 in an all -inf row (so S is 0, not NaN)
+    h = acc[_A_H]
     for r in range(TILE):
         ones[r] = zero
         rest[r] = zero
         dev[r] = zero
+        h[r] = zero
+        sh[r] = m[r] if m[r] > -np.inf else zero
     if eps != 0.0:
         for j in range(C):
             col = buf[j]
@@ -657,16 +662,26 @@ def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp):
         for j in range(C):
             col = buf[j]
             for r in range(TILE):
-                e = vexp(col[r] - m[r])
+                e = vexp(col[r] - sh[r])
                 big = e >= one
                 ones[r] += one if big else zero
                 rest[r] += zero if big else e
                 col[r] = e
+    elif entropy:
+        for j in range(C):
+            col = buf[j]
+            for r in range(TILE):
+                d = sh[r] - col[r]
+                e = vexp(-d)
+                big = e >= one
+                ones[r] += one if big else zero
+                rest[r] += zero if big else e
+                h[r] += e * d if e > zero else zero
     else:
         for j in range(C):
             col = buf[j]
             for r in range(TILE):
-                e = vexp(col[r] - m[r])
+                e = vexp(col[r] - sh[r])
                 big = e >= one
                 ones[r] += one if big else zero
                 rest[r] += zero if big else e
@@ -690,9 +705,10 @@ def _tile_finish(C, eps, zeta, W, tmp):
         li = c1 * tmp[_T_WY, r] * ((M - tmp[_T_ZY, r]) + log_s)
         li = li + ce * (tmp[_T_D, r] + W * log_s) if eps != 0.0 else li
         li = li + zeta * L * L if zeta != 0.0 else li
-        finite = M > -np.inf  # False for NaN and all -inf rows: loss NaN, lse -inf
+        finite = M > -np.inf  # False for NaN and all -inf rows: loss NaN
         tmp[_T_LOSS, r] = li if finite else np.nan
-        tmp[_T_LSE, r] = L if finite else -np.inf
+        # lse: -inf for an all -inf row, NaN where a NaN is in it
+        tmp[_T_LSE, r] = L if finite else (np.nan if M != M or S != 0.0 else -np.inf)
 
 
 @njit(**_JIT)
@@ -741,7 +757,7 @@ def _rows_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, tmp):
 @njit(**_JIT)
 def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, acc, tmp):
     """Losses of rows r0 .. r0+count of a short-row (C <= TILE_C) matrix."""
-    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, False)
+    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, False, False)
     _tile_finish(x.shape[1], eps, zeta, W, tmp)
     _tile_store_losses(r0, count, tmp, loss, lse)
 
@@ -754,7 +770,7 @@ def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, 
     entry in float64 from S and the stored e_y (p_y - 1 cancels badly in float32).
     """
     C = x.shape[1]
-    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, True)
+    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, True, False)
     _tile_finish(C, eps, zeta, W, tmp)
     c1 = 1.0 - eps
     c0 = eps / C
@@ -794,6 +810,51 @@ def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, 
                 narrow(orow, j, buf[j, r])
             narrow(orow, yi, as_t(tmp[_T_GY, r], w))
     _tile_store_losses(r0, count, tmp, loss, lse)
+
+
+@njit(**_JIT)
+def _tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
+    """Row stats of rows r0 .. r0+count of a short-row matrix (see _row_stats), across
+    the tile like _tile_loss. ``res`` = (loss, lse, tlogp, amax, maxp, ent, rank)."""
+    loss, lse, tlogp, amax, maxp, ent, rank = res
+    C = x.shape[1]
+    _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, False, True)
+    _tile_finish(C, eps, zeta, W, tmp)
+    m = acc[_A_MAX]
+    zyt = acc[_A_ZYT]
+    rk = acc[_A_RANK]
+    am = acc[_A_AM]
+    zero = as_t(0.0, w)
+    one = as_t(1.0, w)
+    for r in range(TILE):
+        yi = np.int64(tmp[_T_TGT, r])
+        zyt[r] = buf[yi, r] if yi >= 0 else zero
+        rk[r] = zero
+        am[r] = as_t(-1.0, w)
+    # first index of the max (a NaN first, as torch.argmax) and the target's rank
+    for j in range(C):
+        col = buf[j]
+        jt = as_t(j, w)
+        for r in range(TILE):
+            v = col[r]
+            hit = am[r] < zero and (v != v or v == m[r])
+            am[r] = jt if hit else am[r]
+            rk[r] += one if v > zyt[r] else zero
+    for r in range(count):
+        i = r0 + r
+        M = tmp[_T_M, r]
+        S = tmp[_T_S, r]
+        L = tmp[_T_LSE, r]
+        finite = M > -np.inf
+        counted = tmp[_T_TGT, r] >= 0
+        loss[i] = tmp[_T_LOSS, r] if counted else 0.0
+        lse[i] = L
+        tlogp[i] = tmp[_T_ZY, r] - L if counted else np.nan
+        amax[i] = np.int64(am[r])
+        inv_s = 1.0 / S if finite else np.nan  # max prob = exp(M - L) = 1/S
+        maxp[i] = inv_s
+        ent[i] = (np.float64(acc[_A_H, r]) * inv_s + (L - M)) if finite else np.nan
+        rank[i] = np.int64(rk[r]) if counted else -1
 
 
 @njit(**_PAR)
@@ -1019,10 +1080,18 @@ def stats_kernel(
     nb = max(1, min(nthreads, n))
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
+    tiled = kind == KIND_LOGITS and not soft and not scratch_len and C <= TILE_C
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
         bms = np.empty(0)  # per thread: no allocation per row
+        if tiled:
+            buf, acc, tmp = _tile_scratch(C, w)
+            res = (loss, lse, tlogp, amax, maxp, ent, rank)
+            while lo < hi:
+                k = min(TILE, hi - lo)
+                _tile_stats(x, y, lo, k, w, eps, zeta, W, buf, acc, tmp, res)
+                lo += k
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if scratch_len:
