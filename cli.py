@@ -23,6 +23,8 @@ import warnings
 
 import click
 
+from engine import interrupt
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 INPUT_KINDS = {"logits": "logits", "log-probs": "log_probs", "probs": "probs"}
@@ -107,6 +109,7 @@ class XentGroup(click.Group):
             return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
+        interrupt.install()  # Ctrl-C is remembered, so no job can swallow it and commit
         with _handle_errors(ctx):
             return super().invoke(ctx)
 

@@ -11,6 +11,7 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
 
+from engine import interrupt
 from engine.errors import XentInputError
 from engine.io.sinks import PartsWriter, grad_table, open_sink, output_format, score_table
 
@@ -71,6 +72,21 @@ def test_exception_inside_with_aborts(tmp_path, exc):
         with open_sink(str(path)) as sink:
             sink.write(small_table())
             raise exc()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path, monkeypatch):
+    # e.g. a KeyboardInterrupt raised inside a ctypes callback of Numba's compiler is
+    # printed as "Exception ignored" and lost; the job must still not write its output
+    monkeypatch.setattr(interrupt, "_requested", False)
+    sink = open_sink(str(tmp_path / "out.parquet"))
+    sink.write(small_table(3))
+    try:
+        interrupt.handle_sigint(2, None)
+    except KeyboardInterrupt:
+        pass  # swallowed
+    with pytest.raises(KeyboardInterrupt):
+        sink.commit()
     assert os.listdir(tmp_path) == []
 
 

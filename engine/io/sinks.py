@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
+from engine import interrupt
 from engine.errors import XentInputError
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
@@ -110,6 +111,7 @@ class Sink:
             self._file.close()
             # Someone may have created the output while we worked: still never clobber.
             self._check_target()
+            interrupt.check()  # a Ctrl-C swallowed somewhere must still stop the commit
             os.replace(self.temp_path, self.path)
         except BaseException:
             self.abort()
@@ -222,6 +224,7 @@ def _write_atomic(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        interrupt.check()
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
-from engine import dtypes
+from engine import dtypes, interrupt
 from engine.errors import XentInputError
 
 #: The target value that stands for a null target (the row is ignored). Equal to PyTorch's
@@ -1341,6 +1341,11 @@ class Source:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         readahead = max(0, int(readahead))
+        for chunk in self._chunks(chunk_rows, readahead, targets_only):
+            interrupt.check()  # per chunk: a swallowed Ctrl-C still stops the job
+            yield chunk
+
+    def _chunks(self, chunk_rows: int, readahead: int, targets_only: bool) -> Iterator[Chunk]:
         row = self._first_row
         # Runs of consecutive Parquet files share one decoding pipeline; IPC files and
         # streams (memory-mapped, cheap to read) go through ordered read jobs.
