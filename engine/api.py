@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from engine import dtypes
+from engine import dtypes, scratch
 from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, STORAGE_NATIVE, Problem
 from engine.options import LossOptions, make_options
 
@@ -84,10 +84,14 @@ class Targets:
     counted_rows: int  # Σ m_i          (soft: number of rows)
 
 
-def prepare_targets(target, n: int, c: int, opts: LossOptions, compute, valid=None) -> Targets:
+def prepare_targets(
+    target, n: int, c: int, opts: LossOptions, compute, valid=None, *, reuse: bool = False
+) -> Targets:
     """Check targets against PyTorch's rules and compute the mean denominators.
 
     ``valid`` (optional bool mask) marks null targets from Arrow as not counted.
+    ``reuse``: y and counted live in per-thread scratch buffers (engine/scratch.py), for
+    callers whose Targets do not outlive the call.
     """
     target = np.asarray(target)
     w = opts.weight_for(c)
@@ -116,8 +120,12 @@ def prepare_targets(target, n: int, c: int, opts: LossOptions, compute, valid=No
     if target.dtype == bool:
         target = target.view(np.uint8)
     mask = np.zeros(0, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    y = np.empty(n, dtype=np.int64)
-    counted = np.empty(n, dtype=bool)
+    if reuse:
+        y = scratch.buffer("targets.y", n, np.int64)
+        counted = scratch.buffer("targets.counted", n, bool)
+    else:
+        y = np.empty(n, dtype=np.int64)
+        counted = np.empty(n, dtype=bool)
     weight_sum, rows, bad = class_targets(
         target, c, int(opts.ignore_index), mask, np.asarray(w, dtype=np.float64), y, counted
     )
@@ -158,7 +166,8 @@ def _setup(logits, target, options):
     if x.ndim != 2:
         raise ValueError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
     compute = _compute_dtype(x, opts)
-    targets = prepare_targets(target, x.shape[0], x.shape[1], opts, compute)
+    # the Targets of an API call never leave it: their arrays can be reused buffers
+    targets = prepare_targets(target, x.shape[0], x.shape[1], opts, compute, reuse=True)
     return opts, x, targets, make_problem(x, targets, opts)
 
 
@@ -196,16 +205,33 @@ def cross_entropy(logits, target, *, device: str = "cpu", **options):
     Returns a float (reduction mean/sum) or a per-row array (reduction none).
     """
     opts, _, targets, problem = _setup(logits, target, options)
-    loss_rows, lse = backend(device).forward(problem)
+    loss_rows, lse = backend(device).forward(problem, **_row_buffers(problem, opts))
     return _finish(loss_rows, lse, targets, opts)
 
 
+def _row_buffers(problem: Problem, opts: LossOptions) -> dict:
+    """Reused per-row output buffers, except a loss that reduction='none' returns."""
+    n = problem.rows
+    bufs = {"lse": scratch.buffer("rows.lse", n, problem.compute)}
+    if opts.reduction != "none":
+        bufs["loss"] = scratch.buffer("rows.loss", n, problem.compute)
+    return bufs
+
+
 def row_scales(
-    targets: Targets, opts: LossOptions, grad_output, n: int, *, weight_sum=None, counted_rows=None
+    targets: Targets,
+    opts: LossOptions,
+    grad_output,
+    n: int,
+    *,
+    weight_sum=None,
+    counted_rows=None,
+    reuse: bool = False,
 ):
     """Per-row gradient scales (cross-entropy, z-loss) for a reduction.
 
     ``weight_sum``/``counted_rows`` override the denominators (streams know them globally).
+    ``reuse``: constant scales go into per-thread scratch buffers (see prepare_targets).
     """
     g = np.asarray(grad_output, dtype=np.float64)
     if opts.reduction == "none":
@@ -219,12 +245,19 @@ def row_scales(
         raise ValueError(f"grad_output must be a scalar for reduction='{opts.reduction}'")
     g = float(g)
     if opts.reduction == "sum":
-        return np.full(n, g), np.full(n, g)
-    wsum = targets.weight_sum if weight_sum is None else weight_sum
-    counted = targets.counted_rows if counted_rows is None else counted_rows
-    s = g / wsum if wsum != 0 else 0.0
-    zs = g / counted if counted and wsum != 0 else 0.0
-    return np.full(n, s), np.full(n, zs)
+        s = zs = g
+    else:
+        wsum = targets.weight_sum if weight_sum is None else weight_sum
+        counted = targets.counted_rows if counted_rows is None else counted_rows
+        s = g / wsum if wsum != 0 else 0.0
+        zs = g / counted if counted and wsum != 0 else 0.0
+    if not reuse:
+        return np.full(n, s), np.full(n, zs)
+    scales = scratch.buffer("rows.scale", n, np.float64)
+    zscales = scratch.buffer("rows.zscale", n, np.float64)
+    scales.fill(s)
+    zscales.fill(zs)
+    return scales, zscales
 
 
 def cross_entropy_grad(
@@ -238,8 +271,9 @@ def cross_entropy_grad(
         raise ValueError(f"out has shape {out.shape}, expected {x.shape}")
     elif not out.flags.writeable:
         raise ValueError("out is read-only")
-    scale, zscale = row_scales(targets, opts, grad_output, x.shape[0])
-    loss_rows, lse = backend(device).forward_grad(problem, scale, zscale, out)
+    scale, zscale = row_scales(targets, opts, grad_output, x.shape[0], reuse=True)
+    bufs = _row_buffers(problem, opts)
+    loss_rows, lse = backend(device).forward_grad(problem, scale, zscale, out, **bufs)
     return _finish(loss_rows, lse, targets, opts), out
 
 

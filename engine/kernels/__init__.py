@@ -4,10 +4,11 @@ The host (engine/api.py, engine/pipeline.py) turns user input into a :class:`Pro
 flat arrays and scalars, targets already validated, ignored rows marked with class -1.
 A backend module (``cpu``, ``cuda``) exposes three functions over a Problem:
 
-- ``forward(p) -> (loss, lse)``: per-row loss (0 for ignored rows; z-loss term included)
-  and log-sum-exp, arrays of the compute dtype.
-- ``forward_grad(p, scale, zscale, out) -> (loss, lse)``: as forward, and writes
-  d loss / d logits into ``out`` (same shape as the logits; may *be* the logits buffer).
+- ``forward(p, loss=None, lse=None) -> (loss, lse)``: per-row loss (0 for ignored rows;
+  z-loss term included) and log-sum-exp, arrays of the compute dtype; a backend may fill
+  the given host buffers instead of allocating (the CPU one does, CUDA ignores them).
+- ``forward_grad(p, scale, zscale, out, loss=None, lse=None) -> (loss, lse)``: as forward,
+  and writes d loss / d logits into ``out`` (same shape as the logits; may *be* the logits buffer).
   ``scale[i]`` multiplies row i's cross-entropy gradient, ``zscale[i]`` its z-loss term
   (they differ under ``mean``: weighted vs counted-row denominators).
 - ``stats(p) -> dict``: RowStats arrays (loss, lse, target_logprob, argmax, max_prob,

@@ -1139,19 +1139,26 @@ def _out_view(out: np.ndarray, p: Problem) -> np.ndarray:
     return out
 
 
-def forward(p: Problem):
+def _rows_out(p: Problem, loss, lse):
     n = p.rows
-    loss = np.empty(n, dtype=p.compute)
-    lse = np.empty(n, dtype=p.compute)
+    loss = np.empty(n, dtype=p.compute) if loss is None else loss
+    lse = np.empty(n, dtype=p.compute) if lse is None else lse
+    return loss, lse
+
+
+def forward(p: Problem, loss=None, lse=None):
+    loss, lse = _rows_out(p, loss, lse)
+    n = p.rows
     if n:
         forward_kernel(*_args(p), loss, lse)
     return loss, lse
 
 
-def forward_grad(p: Problem, scale: np.ndarray, zscale: np.ndarray, out: np.ndarray):
+def forward_grad(
+    p: Problem, scale: np.ndarray, zscale: np.ndarray, out: np.ndarray, loss=None, lse=None
+):
+    loss, lse = _rows_out(p, loss, lse)
     n = p.rows
-    loss = np.empty(n, dtype=p.compute)
-    lse = np.empty(n, dtype=p.compute)
     if n:
         forward_grad_kernel(
             *_args(p),

@@ -900,13 +900,15 @@ def _run(p: Problem, mode: str, scale=None, zscale=None, out=None):
     return results
 
 
-def forward(p: Problem):
-    """(loss, lse) per row, arrays of the compute dtype (see engine/kernels/__init__.py)."""
+def forward(p: Problem, loss=None, lse=None):
+    """(loss, lse) per row, arrays of the compute dtype (see engine/kernels/__init__.py).
+
+    ``loss``/``lse`` (host buffers the CPU backend may fill) are not used here."""
     res = _run(p, "forward")
     return res["loss"], res["lse"]
 
 
-def forward_grad(p: Problem, scale, zscale, out: np.ndarray):
+def forward_grad(p: Problem, scale, zscale, out: np.ndarray, loss=None, lse=None):
     """As :func:`forward`, and writes d loss / d logits into ``out`` (may be ``p.x``)."""
     res = _run(p, "grad", scale, zscale, out)
     return res["loss"], res["lse"]
