@@ -447,8 +447,7 @@ def _time_call(call: Callable[[], object], lead_in: bool = False) -> tuple[float
         # Sleeping instead is worse: after 0.15 s idle every provider's next call is slow
         # (engine 17 GB/s back to back vs 9 GB/s after a sleep, C=32000 forward) while a
         # streaming job calls its kernel back to back.
-        del_out = call()
-        del del_out
+        call()
     t0 = time.perf_counter()
     out = call()
     return time.perf_counter() - t0, out

@@ -220,7 +220,11 @@ def _block_sumexp(row, lo, hi, bm, w, store):
 @njit(**_JIT)
 def _block_sumexp_below(row, lo, hi, M, w, store):
     """_block_sumexp with a shift M that is not the block's max, plus the count of
-    elements above M (when non-zero the sums are garbage: the caller redoes the block)."""
+    elements above M (when non-zero the sums are garbage: the caller redoes the block).
+
+    Kept apart from _block_sumexp on purpose: counting ``above`` there too, where it is
+    always 0, measured 18% slower forward at C = 1000 (8% at 4000).
+    """
     ones = as_t(0.0, w)
     rest = as_t(0.0, w)
     above = as_t(0.0, w)
@@ -725,7 +729,7 @@ def _rows_reduce(x, y, r0, count, w, eps, tmp):
     """_tile_reduce for longer rows, without the transpose: each row is reduced on its
     own (_row_reduce), only the finish runs across rows (no scalar libm log per row)."""
     none = w[0:0]
-    bms = np.empty(0)
+    bms = tmp[0, 0:0]  # nothing stored in a forward pass: an empty float64 view
     for r in range(TILE):
         i = r0 + r
         yi = y[i] if r < count else -1
