@@ -38,6 +38,7 @@ from engine.kernels._vecmath import (
     f32_to_bf16_bits,
     f32_to_f16_bits,
     log_pos_f64,
+    max_skip_nan,
 )
 from engine.options import KIND_LOG_PROBS, KIND_LOGITS, KIND_PROBS
 
@@ -133,57 +134,13 @@ def _tiny_of(like):
 
 @njit(**_JIT)
 def _block_max(row, lo, hi, w):
-    """Max over row[lo:hi] with 16 independent lanes (a single max chain won't vectorise).
-
-    NaN never wins a comparison, so it is skipped here and surfaces in the exp sum.
-    """
+    """Max over row[lo:hi]; NaN never wins, so it is skipped here and surfaces in the exp
+    sum (llvm.maxnum: the one form of max that LLVM vectorises without nnan)."""
     row = row[lo:hi]  # a slice, so indices start at 0: no negative-index wraparound checks
-    hi = row.shape[0]  # (those checks alone stop LLVM from vectorising these loops)
-    ninf = as_t(-np.inf, w)
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf
-    m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = ninf
-    j = 0
-    while j + 16 <= hi:
-        v = widen(row[j])
-        m0 = v if v > m0 else m0
-        v = widen(row[j + 1])
-        m1 = v if v > m1 else m1
-        v = widen(row[j + 2])
-        m2 = v if v > m2 else m2
-        v = widen(row[j + 3])
-        m3 = v if v > m3 else m3
-        v = widen(row[j + 4])
-        m4 = v if v > m4 else m4
-        v = widen(row[j + 5])
-        m5 = v if v > m5 else m5
-        v = widen(row[j + 6])
-        m6 = v if v > m6 else m6
-        v = widen(row[j + 7])
-        m7 = v if v > m7 else m7
-        v = widen(row[j + 8])
-        m8 = v if v > m8 else m8
-        v = widen(row[j + 9])
-        m9 = v if v > m9 else m9
-        v = widen(row[j + 10])
-        m10 = v if v > m10 else m10
-        v = widen(row[j + 11])
-        m11 = v if v > m11 else m11
-        v = widen(row[j + 12])
-        m12 = v if v > m12 else m12
-        v = widen(row[j + 13])
-        m13 = v if v > m13 else m13
-        v = widen(row[j + 14])
-        m14 = v if v > m14 else m14
-        v = widen(row[j + 15])
-        m15 = v if v > m15 else m15
-        j += 16
-    while j < hi:
-        v = widen(row[j])
-        m0 = v if v > m0 else m0
-        j += 1
-    a = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-    b = max(max(max(m8, m9), max(m10, m11)), max(max(m12, m13), max(m14, m15)))
-    return max(a, b)
+    m = as_t(-np.inf, w)  # (those checks alone stop LLVM from vectorising these loops)
+    for j in range(row.shape[0]):
+        m = max_skip_nan(widen(row[j]), m)
+    return m
 
 
 @njit(**_JIT)
