@@ -176,13 +176,13 @@ def _block_sumexp(row, lo, hi, bm, w, store):
 
 @njit(**_JIT)
 def _block_sumexp_below(row, lo, hi, M, w, store):
-    """_block_sumexp with a shift M that is not the block's max, plus the count of
-    elements above M (when non-zero the sums are garbage: the caller redoes the block).
+    """Σ exp(z - M) for a shift M that is not the block's max (the row's running max), and
+    the count of z >= M: when that is non-zero the caller redoes the block.
 
-    Kept apart from _block_sumexp on purpose: counting ``above`` there too, where it is
-    always 0, measured 18% slower forward at C = 1000 (8% at 4000).
+    No exact-1 split here: a block with nothing reaching M holds no max term, so a plain
+    sum loses nothing; the loop is 2 operations shorter than _block_sumexp's (measured
+    +20% forward at C = 32000, +30% at 262144 over the split version).
     """
-    ones = as_t(0.0, w)
     rest = as_t(0.0, w)
     above = as_t(0.0, w)
     one = as_t(1.0, w)
@@ -191,22 +191,17 @@ def _block_sumexp_below(row, lo, hi, M, w, store):
     if store.shape[0] == 0:
         for j in range(row.shape[0]):
             v = widen(row[j])
-            e = vexp(v - M)
-            big = e >= one
-            ones += one if big else zero
-            rest += zero if big else e
-            above += one if v > M else zero
+            rest += vexp(v - M)
+            above += one if v >= M else zero
     else:
         sb = store[lo:hi]
         for j in range(row.shape[0]):
             v = widen(row[j])
             e = vexp(v - M)
             sb[j] = e
-            big = e >= one
-            ones += one if big else zero
-            rest += zero if big else e
-            above += one if v > M else zero
-    return ones, rest, above
+            rest += e
+            above += one if v >= M else zero
+    return rest, above
 
 
 @njit(**_JIT)
@@ -288,16 +283,17 @@ def _row_reduce(row, w, t, c1, c0, want_sum, want_dev, want_entropy, store, bms)
     one_pass = want_sum and not want_dev and not want_entropy
     while lo < n:
         hi = min(lo + BLOCK, n)
-        if one_pass and lo > 0 and M > -np.inf:
+        if one_pass and lo >= 2 * BLOCK and M > -np.inf:
             # Shift by the running max and skip the max pass: one read of the block
-            # instead of two (the max pass is the one that waits on memory). Valid only if
-            # nothing here exceeds M; otherwise fall through and redo it from L1.
-            ones, rest, above = _block_sumexp_below(row, lo, hi, as_t(M, w), w, store)
+            # instead of two. Valid only if nothing here reaches M; otherwise fall through
+            # and redo it from L1. (From the third block on: a new max is likely in the
+            # second, and a redo costs more than the max pass it saves.)
+            rest, above = _block_sumexp_below(row, lo, hi, as_t(M, w), w, store)
             if above == 0:
                 if keep:
                     bms[b] = M
                 b += 1
-                S += np.float64(ones) + np.float64(rest)
+                S += np.float64(rest)
                 lo = hi
                 continue
         bm = _block_max(row, lo, hi, w)
