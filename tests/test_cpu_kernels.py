@@ -330,7 +330,8 @@ def test_row_stats(rng, opts, classes):
     assert (got["target_rank"][ignored] == -1).all() and (got["loss"][ignored] == 0).all()
 
 
-@pytest.mark.parametrize("classes", [10, 300])  # 10: transposed tiles; 300: row by row
+# 10, 100: transposed tiles; 300: one block per row; 3000: several blocks per row
+@pytest.mark.parametrize("classes", [10, 100, 300, 3000])
 def test_row_stats_edge_rows(rng, classes):
     x, y = _inputs(rng, 70, classes)
     x[1, 0] = np.nan  # NaN first
@@ -340,9 +341,12 @@ def test_row_stats_edge_rows(rng, classes):
     x[4, 2] = np.nan  # masked and NaN
     x[5] = 1.0  # ties
     y[6] = -100  # ignored: stats still computed, loss 0, rank -1
+    x[7, [4, 6]] = np.inf  # argmax: the first +inf
+    x[8, [min(65, classes - 2), classes - 1]] = 50.0  # tied maxima, past the first chunk
     got = engine.row_stats(x, y).as_dict()
     ref = R.row_stats(x, y)
-    normal = np.r_[0, 5:70]
+    normal = np.r_[0, 5, 6, 8:70]
+    assert got["argmax"][7] == 4
     for key in ("loss", "lse", "target_logprob", "max_prob", "entropy"):
         _close(got[key][normal], ref[key][normal], 3e-6 if key != "entropy" else 2e-5)
     np.testing.assert_array_equal(got["target_rank"][normal], ref["target_rank"][normal])
