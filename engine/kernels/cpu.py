@@ -379,7 +379,15 @@ def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse, store, bms):
     # z_y is read before the stored exps can overwrite it, otherwise after the row pass:
     # read first, it misses cache and stalls the max loop behind it (~8% at C = 1000)
     zy = np.float64(widen(z[yi])) if keep and not soft else 0.0
-    M, S, D, U, _ = _row_reduce(z, w, t, c1, c0, want_lse, want_dev, False, store, bms)
+    simple = C <= BLOCK and want_lse and not want_dev
+    bm = _block_max(z, 0, C, w) if simple else as_t(-np.inf, w)
+    if bm > -np.inf:  # one block with a finite max: its two loops, nothing to merge
+        ones, rest = _block_sumexp(z, 0, C, bm, w, store)
+        M, S, D, U = np.float64(bm), np.float64(ones) + np.float64(rest), 0.0, 0.0
+        if keep:
+            bms[0] = M
+    else:
+        M, S, D, U, _ = _row_reduce(z, w, t, c1, c0, want_lse, want_dev, False, store, bms)
     if not keep and not soft:
         zy = np.float64(widen(z[yi]))
     if not want_lse:
