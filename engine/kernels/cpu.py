@@ -143,7 +143,7 @@ def _block_max(row, lo, hi, w):
     return m
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _block_sumexp(row, lo, hi, bm, w, store):
     """Σ exp(z - bm), split as (count of exact 1s, sum of the rest).
 
