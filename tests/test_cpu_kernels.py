@@ -299,10 +299,13 @@ def test_in_place_bf16(rng):
     _grad_close(dtypes.bf16_bits_to_float32(bits), ref_grad, 1e-2)
 
 
-def test_vector_grad_output(rng):
-    x, y = _inputs(rng, 30, 50, ignore_frac=0.2)
+@pytest.mark.parametrize("classes", [50, 300])  # transposed tiles; row by row
+def test_vector_grad_output(rng, classes):
+    x, y = _inputs(rng, 30, classes, ignore_frac=0.2)
     g = rng.standard_normal(30)
     check(x, y, reduction="none", grad_output=g, z_loss=1e-4)
+    # a scalar reaches the kernels as a one-entry scale for every row
+    check(x, y, reduction="none", grad_output=-2.5, z_loss=1e-4)
     with pytest.raises(ValueError):
         engine.cross_entropy_grad(x, y, reduction="mean", grad_output=g)
 

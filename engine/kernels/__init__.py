@@ -10,7 +10,8 @@ A backend module (``cpu``, ``cuda``) exposes three functions over a Problem:
 - ``forward_grad(p, scale, zscale, out, loss=None, lse=None) -> (loss, lse)``: as forward,
   and writes d loss / d logits into ``out`` (same shape as the logits; may *be* the logits buffer).
   ``scale[i]`` multiplies row i's cross-entropy gradient, ``zscale[i]`` its z-loss term
-  (they differ under ``mean``: weighted vs counted-row denominators).
+  (they differ under ``mean``: weighted vs counted-row denominators). Arrays of one entry
+  apply to every row (mean/sum scales are constant: no per-row array to fill and read).
 - ``stats(p) -> dict``: RowStats arrays (loss, lse, target_logprob, argmax, max_prob,
   entropy, target_rank, and kl for soft targets).
 

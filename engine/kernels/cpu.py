@@ -561,6 +561,12 @@ _A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE, _A_SH, _A_H, _A_ZYT, _A_RANK, _A_
 
 
 @njit(**_JIT)
+def _row_scale(scale, i):
+    """scale[i], or scale[0] for a one-entry scale array (constant over the rows)."""
+    return scale[i] if scale.shape[0] > 1 else scale[0]
+
+
+@njit(**_JIT)
 def _tile_scratch(C, w):
     return (
         np.empty((C, TILE), dtype=w.dtype),
@@ -756,8 +762,8 @@ def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, 
     for r in range(TILE):
         yi = np.int64(tmp[_T_TGT, r])
         tmp[_T_EY, r] = np.float64(buf[yi, r]) if yi >= 0 else 0.0
-        tmp[_T_SC, r] = scale[r0 + r] if r < count else 0.0
-        tmp[_T_ZS, r] = zscale[r0 + r] if r < count else 0.0
+        tmp[_T_SC, r] = _row_scale(scale, r0 + r) if r < count else 0.0
+        tmp[_T_ZS, r] = _row_scale(zscale, r0 + r) if r < count else 0.0
     for r in range(TILE):
         sc = tmp[_T_SC, r]
         zterm = tmp[_T_ZS, r] * 2.0 * zeta * tmp[_T_LSE, r] if zeta != 0.0 else 0.0
@@ -916,6 +922,8 @@ def forward_grad_kernel(
                 lse[i] = np.nan
                 _zero_row(out[i], w)
                 continue
+            sc = _row_scale(scale, i)
+            zsc = _row_scale(zscale, i)
             Wg = W
             if soft:
                 # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
@@ -924,9 +932,7 @@ def forward_grad_kernel(
                 li, Li, M, S, zy = _row_loss(
                     x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms
                 )
-                _row_grad_stored(
-                    out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, scale[i], zscale[i], bms
-                )
+                _row_grad_stored(out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms)
             elif scratch_len:
                 _transform_row(x[i], scratch, cap, kind)
                 li, Li, M, S, _ = _row_loss(
@@ -947,8 +953,8 @@ def forward_grad_kernel(
                     Li,
                     M,
                     S,
-                    scale[i],
-                    zscale[i],
+                    sc,
+                    zsc,
                 )
             else:
                 li, Li, M, S, _ = _row_loss(
@@ -969,8 +975,8 @@ def forward_grad_kernel(
                     Li,
                     M,
                     S,
-                    scale[i],
-                    zscale[i],
+                    sc,
+                    zsc,
                 )
             loss[i] = li
             lse[i] = Li if want_lse else np.nan

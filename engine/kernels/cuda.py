@@ -873,8 +873,9 @@ def _run(p: Problem, mode: str, scale=None, zscale=None, out=None):
                             hz = _POOL.get("zscale", slot, (R,), compute, True)[:k]
                             ds = _POOL.get("scale", slot, (R,), compute, False)[:k]
                             dz = _POOL.get("zscale", slot, (R,), compute, False)[:k]
-                            np.copyto(hs, scale[r0:r1])
-                            np.copyto(hz, zscale[r0:r1])
+                            # (one-entry scales apply to every row: broadcast)
+                            np.copyto(hs, scale[r0:r1] if scale.shape[0] > 1 else scale)
+                            np.copyto(hz, zscale[r0:r1] if zscale.shape[0] > 1 else zscale)
                             ds.copy_to_device(hs, stream=st)
                             dz.copy_to_device(hz, stream=st)
                             dg = _POOL.get("g", slot, (R, C), compute, False)[:k]
