@@ -427,3 +427,18 @@ def test_seed_examples():
     stats = engine.row_stats(x, np.array([1]))
     assert stats.max_prob[0] == pytest.approx(0.8789, abs=1e-4)
     assert np.exp(stats.target_logprob[0]) == pytest.approx(0.1189, abs=1e-4)
+
+
+def test_int64_targets_serve_as_kernel_targets_untouched(rng):
+    """int64 targets with a negative ignore_index go to the kernels as they are (no copy)."""
+    x, y = _inputs(rng, 200, 30, ignore_frac=0.3)
+    y = y.astype(np.int64)
+    before = y.copy()
+    ref_loss, ref_grad = R.cross_entropy_grad(x, y)
+    loss, grad = engine.cross_entropy_grad(x, y)
+    _close(loss, ref_loss, 2e-6)
+    _grad_close(grad, ref_grad, 1e-6)
+    np.testing.assert_array_equal(y, before)
+    y[3] = 30  # still checked: out of range names the row
+    with pytest.raises(Exception, match="3"):
+        engine.cross_entropy(x, y)

@@ -16,12 +16,16 @@ _BLOCK = 1 << 16  # rows per partial sum: fixed, so the total never depends on t
 def class_targets(target, c, ignore_index, valid, w, y, counted):
     """Fill y (int64, -1 where not counted) and counted (bool) from ``target``.
 
+    An empty ``y`` is not written: the caller passes the int64 target itself as y, where
+    every row not counted is already negative (ignore_index < 0, no null mask).
+
     ``valid`` is empty or a per-row bool mask (null targets from Arrow are not counted).
     Returns (weight_sum, counted_rows, first_bad_row); first_bad_row is -1 when every
     counted target is in [0, c).
     """
     n = target.shape[0]
     use_valid = valid.shape[0] != 0
+    write_y = y.shape[0] != 0
     nblk = (n + _BLOCK - 1) // _BLOCK
     wsum = np.zeros(nblk)
     rows = np.zeros(nblk, dtype=np.int64)
@@ -34,14 +38,17 @@ def class_targets(target, c, ignore_index, valid, w, y, counted):
             ok = v != ignore_index and (not use_valid or valid[i])
             counted[i] = ok
             if not ok:
-                y[i] = -1
+                if write_y:
+                    y[i] = -1
                 continue
             if v < 0 or v >= c:
                 if bad[b] < 0:
                     bad[b] = i
-                y[i] = -1
+                if write_y:
+                    y[i] = -1
                 continue
-            y[i] = v
+            if write_y:
+                y[i] = v
             s += np.float64(w[v])
             k += 1
         wsum[b] = s
