@@ -2,7 +2,7 @@
 
 Shape of the work (one row at a time, rows split statically over threads):
 
-- The row is walked in L1-sized blocks. Per block: a 16-lane max, then one vectorised
+- The row is walked in L1-sized blocks. Per block: a vectorised max, then one vectorised
   sum of exp(z - block_max) (plus, when an option needs it, a weighted sum of
   (block_max - z)). Blocks are merged online in float64, so a 256k-class row costs one
   read from memory and one from L1; no softmax/log-softmax row is ever materialised.
@@ -143,6 +143,8 @@ def _block_max(row, lo, hi, w):
     return m
 
 
+# inlined: a call between Numba functions is a real call that passes every field of every
+# array (LLVM inlined _block_max on its own, not this); +15-19% forward at C = 128-256
 @njit(inline="always", **_JIT)
 def _block_sumexp(row, lo, hi, bm, w, store):
     """Σ exp(z - bm), split as (count of exact 1s, sum of the rest).
