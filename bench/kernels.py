@@ -439,14 +439,26 @@ def make_providers(names: Sequence[str] | None, device: str) -> list[Provider]:
 # -- timing ------------------------------------------------------------------------------
 
 
+SETTLE_S = 0.02  # busy-wait before each provider's lead-in call (see _time_call)
+
+
+def _settle(seconds: float = SETTLE_S) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def _time_call(call: Callable[[], object], lead_in: bool = False) -> tuple[float, object]:
     if lead_in:
-        # One untimed call first. JAX/XLA and OpenMP pools spin after a call, so round-robin
-        # timing would charge that spinning to whichever provider runs next (measured:
-        # engine 8.3 GB/s alone vs 5.1 GB/s right after jax at C=1000 forward_grad).
-        # Sleeping instead is worse: after 0.15 s idle every provider's next call is slow
-        # (engine 17 GB/s back to back vs 9 GB/s after a sleep, C=32000 forward) while a
-        # streaming job calls its kernel back to back.
+        # JAX/XLA and OpenMP pools spin after a call, so round-robin timing would charge
+        # that spinning to whichever provider runs next, and with a rotating order the
+        # same provider always follows jax. Measured at C=32000 forward, engine alone
+        # 24-27 GB/s; right after jax 12-15; after jax and one untimed lead-in call 16-17;
+        # after jax, 20 ms of busy-waiting and the lead-in call ~22. So: busy-wait, then
+        # one untimed call. Sleeping instead is worse: after 0.05-0.15 s idle every
+        # provider's next call is slow (engine 17 GB/s back to back vs 9 after a sleep),
+        # while a streaming job calls its kernel back to back.
+        _settle()
         call()
     t0 = time.perf_counter()
     out = call()
