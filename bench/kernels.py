@@ -51,9 +51,10 @@ fresh ``np.empty_like`` per call), so a per-call allocation measures the VM, not
 Timing: warm-up calls first (compilation excluded for every provider; the engine's very
 first call of a case is timed separately as ``first_call_s``: Numba compile or cache load
 when it is the first call of its kernel and dtype in the process), then ``repeats`` timed
-calls, round-robin over the providers in a rotating order, each after one untimed
-lead-in call: median, p20 and p80 seconds. ``ratio_to_best_peer`` = engine GB/s / best peer GB/s
-for the same shape, measured in the same process (CPU engine vs CPU peers, CUDA vs CUDA).
+calls, round-robin over the providers in a rotating order, each after 20 ms of
+busy-waiting and one untimed lead-in call: median, p20 and p80 seconds.
+``ratio_to_best_peer`` = engine GB/s / best peer GB/s for the same shape, measured in the
+same process (CPU engine vs CPU peers, CUDA vs CUDA).
 ``roofline_share`` = GB/s / this machine's read bandwidth (forward, row_stats) or copy
 bandwidth (forward_grad), measured by bench/roofline.py in the same run.
 
