@@ -129,11 +129,9 @@ def prepare_targets(
         and opts.ignore_index < 0
         and valid is None
     )
-    if alias:
-        y = np.zeros(0, dtype=np.int64)  # not written: see class_targets
-        counted = scratch.buffer("targets.counted", n, bool)
-    elif reuse:
-        y = scratch.buffer("targets.y", n, np.int64)
+    if reuse:
+        # an empty y is not written (see class_targets)
+        y = np.zeros(0, dtype=np.int64) if alias else scratch.buffer("targets.y", n, np.int64)
         counted = scratch.buffer("targets.counted", n, bool)
     else:
         y = np.empty(n, dtype=np.int64)
@@ -247,10 +245,9 @@ def row_scales(
     ``weight_sum``/``counted_rows`` override the denominators (streams know them globally).
     """
     g = np.asarray(grad_output, dtype=np.float64)
-    if opts.reduction == "none" and g.ndim == 0:
-        return np.full(1, float(g)), np.full(1, float(g))
     if opts.reduction == "none":
-        g = np.broadcast_to(g, (n,)) if g.ndim == 0 else g
+        if g.ndim == 0:
+            return np.full(1, float(g)), np.full(1, float(g))
         if g.shape != (n,):
             raise ValueError(
                 f"grad_output must be a scalar or have {n} entries for reduction='none'"
