@@ -260,6 +260,31 @@ def test_rows_of_several_blocks(rng, dtype):
     assert np.isnan(grad[6]).all() and np.isfinite(grad[:6]).all()
 
 
+@pytest.mark.parametrize("classes", [100, 1000, 2048])
+def test_special_rows_among_pipelined_rows(rng, classes):
+    """One-block rows take each row's max in the same loop as the previous row's exp sum,
+    with a max that may skip or keep NaN: special rows next to each other and next to
+    ordinary ones, across tile boundaries (64 rows), must each come out as on their own."""
+    x, y = _inputs(rng, 140, classes)
+    x[0, 0] = np.nan  # NaN first, in the very first row
+    x[1, classes // 2] = np.nan  # ... in the middle of the next
+    x[2] = -np.inf  # all masked
+    x[3] = np.nan  # all NaN
+    x[4] = -np.inf
+    x[4, 1] = np.nan  # masked and NaN
+    x[5, 7] = np.inf
+    y[6] = -100  # ignored, between special rows
+    x[7] = 1.0  # ties
+    x[63, -1] = np.nan  # last row of a tile, then the first of the next
+    x[64] = -np.inf
+    x[65, 3] = 40.0  # confident
+    y[65] = 3
+    x[139, -1] = np.nan  # the last row
+    loss, grad = check(x, y, reduction="none")
+    assert np.isnan(loss[[0, 1, 2, 3, 4, 5, 63, 64, 139]]).all()
+    assert np.isfinite(loss[[6, 7, 8, 62, 65, 66, 138]]).all() and loss[6] == 0
+
+
 def test_all_masked_row_is_nan_like_torch():
     x = np.full((2, 5), -np.inf, np.float32)
     x[1] = 0

@@ -91,6 +91,27 @@ def max_skip_nan(typingctx, a, b):
 
 
 @intrinsic
+def max_nan_unspecified(typingctx, a, b):
+    """max(a, b) that LLVM may assume NaN-free (llvm.maxnum with the nnan flag).
+
+    max_skip_nan vectorises only as a loop's sole reduction; this one vectorises beside
+    others (a row's max in the same loop as another row's exp sum). With a NaN operand
+    the result is NaN or the max of the rest, so a caller must detect NaN elsewhere:
+    the kernels' exp sums turn any NaN logit into a NaN sum.
+    """
+    if not (a == b and a in (types.float32, types.float64)):
+        return None
+    llty = ir.FloatType() if a == types.float32 else ir.DoubleType()
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(llty, [llty, llty])
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [llty], fnty)
+        return builder.call(fn, args, fastmath=("nnan",))
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def _sub_exact(typingctx, a, b):
     """a - b emitted without fast-math flags, so ``reassoc`` cannot fold (t + M) - M."""
     if not (a == b == types.float32):

@@ -38,6 +38,7 @@ from engine.kernels._vecmath import (
     f32_to_bf16_bits,
     f32_to_f16_bits,
     log_pos_f64,
+    max_nan_unspecified,
     max_skip_nan,
 )
 from engine.options import KIND_LOG_PROBS, KIND_LOGITS, KIND_PROBS
@@ -700,6 +701,69 @@ def _tile_store_losses(r0, count, tmp, loss, lse):
         lse[i] = tmp[_T_LSE, r] if counted else np.nan
 
 
+@njit(inline="always", **_JIT)
+def _max_and_sumexp(nxt, cur, bm, w):
+    """max(nxt) and _block_sumexp(cur, bm), in one loop over two rows of equal length."""
+    m = as_t(-np.inf, w)
+    ones = as_t(0.0, w)
+    rest = as_t(0.0, w)
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    for j in range(cur.shape[0]):
+        m = max_nan_unspecified(widen(nxt[j]), m)
+        e = vexp(widen(cur[j]) - bm)
+        big = e >= one
+        ones += one if big else zero
+        rest += zero if big else e
+    return m, ones, rest
+
+
+@njit(inline="always", **_JIT)
+def _put_row(x, i, r, yi, bm, ones, rest, w, tmp):
+    """Store row i's M, S (its max bm and exp-sum split) and target terms in tile lane r."""
+    row = x[i]
+    if bm > -np.inf:
+        M = np.float64(bm)
+        S = np.float64(ones) + np.float64(rest)
+    else:  # all -inf, or NaN and -inf: the general path sorts these out
+        none = w[0:0]
+        M, S, _, _, _ = _row_reduce(row, w, none, 1.0, 0.0, True, False, False, none, tmp[0, 0:0])
+    tmp[_T_M, r] = M
+    tmp[_T_S, r] = S
+    tmp[_T_D, r] = 0.0
+    tmp[_T_ZY, r] = np.float64(widen(row[yi]))
+    tmp[_T_WY, r] = np.float64(w[yi])
+
+
+@njit(**_JIT)
+def _rows_reduce_pipelined(x, y, r0, count, w, tmp):
+    """_rows_reduce for one-block rows without smoothing: each row's max is taken in the
+    same loop as the previous row's exp sum, so no row waits on its own max reduction."""
+    C = x.shape[1]
+    p = -1  # lane of the pending row: its max is known, its exp sum not yet
+    pbm = as_t(-np.inf, w)
+    for r in range(TILE):
+        yi = y[r0 + r] if r < count else -1
+        tmp[_T_TGT, r] = yi
+        if yi < 0:  # padding and rows not counted: a harmless finite lane
+            tmp[_T_M, r] = 0.0
+            tmp[_T_S, r] = 1.0
+            tmp[_T_D, r] = 0.0
+            tmp[_T_ZY, r] = 0.0
+            tmp[_T_WY, r] = 0.0
+            continue
+        if p < 0:
+            bm = _block_max(x[r0 + r], 0, C, w)
+        else:
+            bm, ones, rest = _max_and_sumexp(x[r0 + r], x[r0 + p], pbm, w)
+            _put_row(x, r0 + p, p, int(tmp[_T_TGT, p]), pbm, ones, rest, w, tmp)
+        p = r
+        pbm = bm
+    if p >= 0:
+        ones, rest = _block_sumexp(x[r0 + p], 0, C, pbm, w, w[0:0])
+        _put_row(x, r0 + p, p, int(tmp[_T_TGT, p]), pbm, ones, rest, w, tmp)
+
+
 @njit(**_JIT)
 def _rows_reduce(x, y, r0, count, w, eps, tmp):
     """_tile_reduce for longer rows, without the transpose: each row is reduced on its
@@ -711,6 +775,9 @@ def _rows_reduce(x, y, r0, count, w, eps, tmp):
     # each caller (here, _row_loss, _row_stats), not inside _row_reduce: that is a real
     # call per row, and with the shortcut inside it measured 25% slower at C = 128.
     short = C <= BLOCK
+    if short and eps == 0.0:
+        _rows_reduce_pipelined(x, y, r0, count, w, tmp)
+        return
     for r in range(TILE):
         i = r0 + r
         yi = y[i] if r < count else -1
