@@ -421,8 +421,10 @@ def _loss_from(M, S, D, U, zy, w, yi, eps, zeta, W, soft, want_lse):
 
 
 @njit(**_JIT)
-def _row_grad_stored(out, w, t, yi, eps, zeta, W, L, M, S, zy, scale, zscale, bms):
-    """Gradient of a logits row whose exp(z - block max) values already sit in ``out``.
+def _row_grad_stored(exps, out, w, t, yi, eps, zeta, W, L, M, S, zy, scale, zscale, bms):
+    """Gradient of a logits row whose exp(z - block max) values sit in ``exps``, or in
+    ``out`` itself when ``exps`` is empty (float32/float64 gradients; 16-bit ones keep
+    them in a float scratch row). Two views of one row would cost LLVM's alias check.
 
     g_j = K·e_j·exp(bm_b - M)/S - scale·coef_j: one multiply-add per element.
     """
@@ -442,16 +444,31 @@ def _row_grad_stored(out, w, t, yi, eps, zeta, W, L, M, S, zy, scale, zscale, bm
         f = as_t(K64 * math.exp(bms[b] - M) * invS, w)
         ob = out[lo:hi]
         wb = w[lo:hi]
+        if exps.shape[0] == 0:  # in place
+            if soft:
+                tb = t[lo:hi]
+                for j in range(ob.shape[0]):
+                    narrow(ob, j, f * widen(ob[j]) - wb[j] * (sc1 * tb[j] + se))
+            elif eps != 0.0:
+                for j in range(ob.shape[0]):
+                    narrow(ob, j, f * widen(ob[j]) - se * wb[j])
+            else:
+                for j in range(ob.shape[0]):
+                    narrow(ob, j, f * widen(ob[j]))
+            lo = hi
+            b += 1
+            continue
+        eb = exps[lo:hi]
         if soft:
             tb = t[lo:hi]
             for j in range(ob.shape[0]):
-                ob[j] = f * ob[j] - wb[j] * (sc1 * tb[j] + se)
+                narrow(ob, j, f * eb[j] - wb[j] * (sc1 * tb[j] + se))
         elif eps != 0.0:
             for j in range(ob.shape[0]):
-                ob[j] = f * ob[j] - se * wb[j]
+                narrow(ob, j, f * eb[j] - se * wb[j])
         else:
             for j in range(ob.shape[0]):
-                ob[j] = f * ob[j]
+                narrow(ob, j, f * eb[j])
         lo = hi
         b += 1
     if not soft:
@@ -980,9 +997,11 @@ def forward_grad_kernel(
     want_lse = kind == KIND_LOGITS
     # tiles keep their exps in a float scratch, so any out dtype (float16 too) can use them
     tiled = kind == KIND_LOGITS and cap == 0.0 and C <= TILE_GRAD_C and not soft
+    park = kind == KIND_LOGITS and cap == 0.0 and not store_exp
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
+        exps = np.empty(C if park else 0, dtype=w.dtype)
         bms = np.empty((C + BLOCK - 1) // BLOCK)
         if tiled:
             buf, acc, tmp = _tile_scratch(C, w)
@@ -1009,7 +1028,17 @@ def forward_grad_kernel(
                 li, Li, M, S, zy = _row_loss(
                     x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms
                 )
-                _row_grad_stored(out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms)
+                _row_grad_stored(
+                    exps, out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms
+                )
+            elif park:
+                # 16-bit gradients: the exps wait in a float row, so each costs one exp
+                li, Li, M, S, zy = _row_loss(
+                    x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, exps, bms
+                )
+                _row_grad_stored(
+                    exps, out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms
+                )
             elif scratch_len:
                 _transform_row(x[i], scratch, cap, kind)
                 li, Li, M, S, _ = _row_loss(
