@@ -267,6 +267,15 @@ def row_scales(
     return np.full(1, s), np.full(1, zs)
 
 
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same memory, element for element (an in-place gradient)."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.dtype.itemsize == b.dtype.itemsize
+    )
+
+
 def cross_entropy_grad(
     logits, target, *, grad_output=1.0, out=None, device: str = "cpu", **options
 ):
@@ -278,6 +287,9 @@ def cross_entropy_grad(
         raise ValueError(f"out has shape {out.shape}, expected {x.shape}")
     elif not out.flags.writeable:
         raise ValueError("out is read-only")
+    elif np.may_share_memory(out, x) and not _same_array(out, x):
+        # rows are computed in parallel: a shifted overlap would overwrite unread logits
+        raise ValueError("out overlaps the logits: pass out=logits (in place) or another array")
     scale, zscale = row_scales(targets, opts, grad_output, x.shape[0])
     bufs = _row_buffers(problem, opts)
     loss_rows, lse = backend(device).forward_grad(problem, scale, zscale, out, **bufs)

@@ -316,6 +316,29 @@ def test_in_place_gradient(rng, dtype, classes):
     _grad_close(buf, ref_grad, tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_place_gradient_of_rows_with_late_maxima(rng, dtype):
+    """Rows of several blocks sum later blocks against the running max and redo a block
+    that holds a new one: in place, its logits must still be there to redo it."""
+    C = 3 * 4096 + 7
+    x = (rng.standard_normal((4, C)) * 2).astype(dtype)
+    x[1] = np.linspace(0, 10, C)  # a new max in every block
+    x[2, 9000] = 40.0  # a new max in the third block
+    y = rng.integers(0, C, 4)
+    ref_loss, ref_grad = R.cross_entropy_grad(x, y, reduction="none")
+    buf = x.copy()
+    loss, grad = engine.cross_entropy_grad(buf, y, reduction="none", out=buf)
+    assert grad is buf
+    _close(loss, ref_loss, LOSS_RTOL[dtype])
+    _grad_close(buf, ref_grad, 1e-6)
+
+
+def test_out_overlapping_the_logits_is_refused(rng):
+    x, y = _inputs(rng, 10, 20)
+    with pytest.raises(ValueError, match="overlaps"):
+        engine.cross_entropy_grad(x[1:], y[1:], out=x[:-1])
+
+
 def test_in_place_bf16(rng):
     x, y = _inputs(rng, 20, 100)
     bits = dtypes.float32_to_bf16_bits(x)

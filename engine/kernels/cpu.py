@@ -373,7 +373,8 @@ def _transform_row(row, scratch, cap, kind):
 def _row_loss(z, w, t, yi, eps, zeta, kind, W, want_lse, store, bms):
     """(loss, lse used, M, S, z_y) of one counted row; z is the (transformed) row.
 
-    ``store``/``bms``: see _row_reduce (may alias z: z_y is read before anything is stored).
+    ``store``/``bms``: see _row_reduce. ``store`` must not overlap z: a one-pass block is
+    re-read when it holds a new max (and loops over two views of one row run scalar).
     """
     C = z.shape[0]
     soft = t.shape[0] != 0
@@ -987,8 +988,10 @@ def forward_grad_kernel(
 ):
     """forward_kernel, then the gradient of each row into out (which may alias x).
 
-    ``store_exp`` (plain logits, float ``out``): the forward pass parks exp(z - block max)
-    in ``out`` and the gradient pass only rescales it, so each element costs one exp.
+    ``store_exp`` (plain logits, a float ``out`` apart from x): the forward pass parks
+    exp(z - block max) in ``out`` and the gradient pass only rescales it, so each element
+    costs one exp. Other plain-logit rows (16-bit or in-place gradients) park their exps
+    in a per-thread float row instead.
     """
     n, C = x.shape
     nb = max(1, min(nthreads, n))
@@ -1285,6 +1288,8 @@ def forward_grad(
                 and p.cap == 0.0
                 and out.dtype.kind == "f"
                 and out.dtype != np.float16
+                # in place: the exps go to a scratch row, as the logits must stay readable
+                and not np.may_share_memory(out, p.x)
             ),
             loss,
             lse,
