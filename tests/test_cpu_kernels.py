@@ -285,6 +285,43 @@ def test_special_rows_among_pipelined_rows(rng, classes):
     assert np.isfinite(loss[[6, 7, 8, 62, 65, 66, 138]]).all() and loss[6] == 0
 
 
+def _special_rows(rng, rows, classes, dtype=np.float32):
+    x, y = _inputs(rng, rows, classes, dtype=dtype)
+    x[0, 0] = np.nan
+    x[2] = -np.inf
+    x[3] = np.nan
+    x[5, 7] = np.inf
+    y[6] = -100
+    x[64] = -np.inf  # the first row of the second tile
+    x[65, 3] = 40.0  # confident
+    y[65] = 3
+    x[rows - 1, -1] = np.nan
+    return x, y
+
+
+@pytest.mark.parametrize("classes", [300, 2048])
+@pytest.mark.parametrize("where", ["apart", "in_place", "float16_out"])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}])
+def test_special_rows_among_pipelined_gradient_rows(rng, classes, where, opts):
+    """One-block rows' gradients park their exps in out, or in a float tile (16-bit or
+    in-place gradients); rows without a finite max fall back to the row-by-row path."""
+    dtype = np.float16 if where == "float16_out" else np.float32
+    x, y = _special_rows(rng, 140, classes, dtype)
+    ref_loss, ref_grad = R.cross_entropy_grad(x, y, reduction="none", **opts)
+    if where == "apart":
+        loss, grad = engine.cross_entropy_grad(x, y, reduction="none", **opts)
+    elif where == "in_place":
+        grad = x.copy()
+        loss, _ = engine.cross_entropy_grad(grad, y, reduction="none", out=grad, **opts)
+    else:
+        grad = np.empty(x.shape, np.float16)
+        loss, _ = engine.cross_entropy_grad(x, y, reduction="none", out=grad, **opts)
+    _close(loss, ref_loss, 2e-6)
+    _grad_close(grad, ref_grad, 1e-3 if dtype == np.float16 else 1e-6)
+    assert np.isnan(loss[[0, 2, 3, 5, 64, 139]]).all() and loss[6] == 0
+    assert (grad[6] == 0).all() and np.isnan(grad[[0, 2, 3, 5, 64, 139]]).all()
+
+
 def test_all_masked_row_is_nan_like_torch():
     x = np.full((2, 5), -np.inf, np.float32)
     x[1] = 0

@@ -760,26 +760,31 @@ def _rows_reduce_pipelined(x, y, r0, count, w, tmp):
     C = x.shape[1]
     p = -1  # lane of the pending row: its max is known, its exp sum not yet
     pbm = as_t(-np.inf, w)
-    for r in range(TILE):
-        yi = y[r0 + r] if r < count else -1
-        tmp[_T_TGT, r] = yi
-        if yi < 0:  # padding and rows not counted: a harmless finite lane
-            tmp[_T_M, r] = 0.0
-            tmp[_T_S, r] = 1.0
-            tmp[_T_D, r] = 0.0
-            tmp[_T_ZY, r] = 0.0
-            tmp[_T_WY, r] = 0.0
-            continue
-        if p < 0:
-            bm = _block_max(x[r0 + r], 0, C, w)
+    for r in range(TILE + 1):
+        if r < TILE:
+            yi = y[r0 + r] if r < count else -1
+            tmp[_T_TGT, r] = yi
+            if yi < 0:  # padding and rows not counted: a harmless finite lane
+                tmp[_T_M, r] = 0.0
+                tmp[_T_S, r] = 1.0
+                tmp[_T_D, r] = 0.0
+                tmp[_T_ZY, r] = 0.0
+                tmp[_T_WY, r] = 0.0
+                continue
+            nxt = r
+        elif p < 0:
+            break
         else:
-            bm, ones, rest = _max_and_sumexp(x[r0 + r], x[r0 + p], pbm, w)
+            nxt = p  # past the last row: the pending row's own max rides along, unused
+        if p < 0:
+            bm = _block_max(x[r0 + nxt], 0, C, w)
+        else:
+            # one call site for every row: an exp sum from another loop would round
+            # differently, and results must not depend on where a tile or thread ends
+            bm, ones, rest = _max_and_sumexp(x[r0 + nxt], x[r0 + p], pbm, w)
             _put_row(x, r0 + p, p, int(tmp[_T_TGT, p]), pbm, ones, rest, w, tmp)
-        p = r
+        p = nxt
         pbm = bm
-    if p >= 0:
-        ones, rest = _block_sumexp(x[r0 + p], 0, C, pbm, w, w[0:0])
-        _put_row(x, r0 + p, p, int(tmp[_T_TGT, p]), pbm, ones, rest, w, tmp)
 
 
 @njit(**_JIT)
@@ -892,6 +897,125 @@ def _tile_loss_grad(x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, 
     _tile_store_losses(r0, count, tmp, loss, lse)
 
 
+_SPECIAL = -2  # tmp[_T_TGT] of a lane left to the row-by-row path (no finite max)
+
+
+@njit(inline="always", **_JIT)
+def _max_and_sumexp_store(nxt, cur, bm, w, dst):
+    """_max_and_sumexp that also writes each exp(cur - bm) to dst (apart from cur)."""
+    m = as_t(-np.inf, w)
+    ones = as_t(0.0, w)
+    rest = as_t(0.0, w)
+    one = as_t(1.0, w)
+    zero = as_t(0.0, w)
+    for j in range(cur.shape[0]):
+        m = max_nan_unspecified(widen(nxt[j]), m)
+        e = vexp(widen(cur[j]) - bm)
+        narrow(dst, j, e)
+        big = e >= one
+        ones += one if big else zero
+        rest += zero if big else e
+    return m, ones, rest
+
+
+@njit(**_JIT)
+def _rows_loss_grad(
+    x, y, r0, count, w, eps, zeta, W, scale, zscale, loss, lse, out, ex, ex0, in_out, tmp
+):
+    """Loss and gradient of rows r0 .. r0+count of one-block rows (plain logits, class
+    targets), as _tile_loss_grad without the transpose.
+
+    Row r's exps land in ex[ex0 + r]: ``out`` itself (``in_out``: ex is out, ex0 = r0)
+    or a float tile (16-bit or in-place gradients). Rows are pipelined as in _rows_reduce_pipelined,
+    the finish and the gradient scales run across the tile, then each gradient row costs
+    one multiply per element. Rows without a finite max are marked _SPECIAL and left to
+    the caller (their logits are untouched).
+    """
+    C = x.shape[1]
+    p = -1  # lane of the pending row: its max is known, its exp sum not yet
+    pbm = as_t(-np.inf, w)
+    for r in range(TILE + 1):  # one call site per loop, as in _rows_reduce_pipelined
+        if r < TILE:
+            yi = y[r0 + r] if r < count else -1
+            tmp[_T_TGT, r] = yi
+            tmp[_T_M, r] = 0.0  # padding, rows not counted, special rows: a harmless lane
+            tmp[_T_S, r] = 1.0
+            tmp[_T_D, r] = 0.0
+            tmp[_T_ZY, r] = 0.0
+            tmp[_T_WY, r] = 0.0
+            if yi < 0:
+                continue
+            # read before any exps are stored (the gradient may overwrite these logits)
+            tmp[_T_ZY, r] = np.float64(widen(x[r0 + r, yi]))
+            tmp[_T_WY, r] = np.float64(w[yi])
+            nxt = r
+        elif p < 0:
+            break
+        else:
+            nxt = p  # past the last row: the pending row's own max rides along, unused
+        if p >= 0 and pbm > -np.inf:
+            bm, ones, rest = _max_and_sumexp_store(x[r0 + nxt], x[r0 + p], pbm, w, ex[ex0 + p])
+            tmp[_T_M, p] = np.float64(pbm)
+            tmp[_T_S, p] = np.float64(ones) + np.float64(rest)
+        else:
+            if p >= 0:
+                tmp[_T_TGT, p] = _SPECIAL
+            bm = _block_max(x[r0 + nxt], 0, C, w)
+        p = nxt
+        pbm = bm
+    c1 = 1.0 - eps
+    c0 = eps / C
+    if eps != 0.0:  # Σ w·(M - z): the logits are still intact (nothing written to x yet)
+        for r in range(count):
+            if tmp[_T_TGT, r] >= 0:
+                bm = as_t(tmp[_T_M, r], w)
+                a, _ = _block_deviation(x[r0 + r], 0, C, bm, w, w[0:0], 1.0, 0.0)
+                tmp[_T_D, r] = np.float64(a)
+    _tile_finish(C, eps, zeta, W, tmp)
+    # per lane: K = (scale·(c1·w_y + c0·W) + 2ζ·zscale·L)/S, and the target entry in
+    # float64 from S and the parked e_y (p_y - 1 cancels badly in float32)
+    for r in range(TILE):
+        yi = np.int64(tmp[_T_TGT, r])
+        ey = np.float64(widen(ex[ex0 + r, yi])) if yi >= 0 else 0.0
+        sc = _row_scale(scale, r0 + r) if yi >= 0 else 0.0
+        zsc = _row_scale(zscale, r0 + r) if yi >= 0 else 0.0
+        zterm = zsc * 2.0 * zeta * tmp[_T_LSE, r] if zeta != 0.0 else 0.0
+        S = tmp[_T_S, r]
+        wy = tmp[_T_WY, r]
+        tmp[_T_EY, r] = (sc * (c1 * wy + c0 * W) + zterm) / S
+        tmp[_T_SC, r] = sc * c0
+        tmp[_T_GY, r] = (
+            sc * c1 * wy * (-(S - ey) / S) + (sc * c0 * W + zterm) * (ey / S) - sc * c0 * wy
+        )
+    for r in range(count):
+        yi = np.int64(tmp[_T_TGT, r])
+        if yi == _SPECIAL:
+            continue
+        orow = out[r0 + r]
+        if yi < 0:
+            _zero_row(orow, w)
+            continue
+        K = as_t(tmp[_T_EY, r], w)
+        se = as_t(tmp[_T_SC, r], w)
+        if in_out:  # one view of the row: two would cost LLVM's alias check
+            if eps != 0.0:
+                for j in range(C):
+                    narrow(orow, j, K * widen(orow[j]) - se * w[j])
+            else:
+                for j in range(C):
+                    narrow(orow, j, K * widen(orow[j]))
+        else:
+            er = ex[ex0 + r]
+            if eps != 0.0:
+                for j in range(C):
+                    narrow(orow, j, K * er[j] - se * w[j])
+            else:
+                for j in range(C):
+                    narrow(orow, j, K * er[j])
+        narrow(orow, yi, as_t(tmp[_T_GY, r], w))
+    _tile_store_losses(r0, count, tmp, loss, lse)
+
+
 @njit(**_JIT)
 def _tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
     """Row stats of rows r0 .. r0+count of a short-row matrix (see _row_stats), across
@@ -982,6 +1106,62 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
             lse[i] = Li if want_lse else np.nan
 
 
+@njit(**_JIT)
+def _loss_grad_row(
+    x,
+    y,
+    t,
+    w,
+    W,
+    eps,
+    zeta,
+    cap,
+    kind,
+    scale,
+    zscale,
+    store_exp,
+    i,
+    scratch,
+    exps,
+    bms,
+    loss,
+    lse,
+    out,
+):
+    """Loss, lse and gradient of row i, one row at a time (any options)."""
+    C = x.shape[1]
+    soft = t.shape[1] != 0
+    want_lse = kind == KIND_LOGITS
+    yi = 0 if soft else y[i]
+    if yi < 0:
+        loss[i] = 0.0
+        lse[i] = np.nan
+        _zero_row(out[i], w)
+        return
+    sc = _row_scale(scale, i)
+    zsc = _row_scale(zscale, i)
+    Wg = W
+    if soft:
+        # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
+        Wg = _soft_total(w, t[i], 1.0 - eps, eps / C)
+    # (separate calls per case: the row views differ in type, float16 bits vs float)
+    if store_exp:  # the exps wait in out, so each element costs one exp
+        li, Li, M, S, zy = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms)
+        _row_grad_stored(exps, out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms)
+    elif exps.shape[0] != 0:  # ... or in a float row (16-bit or in-place gradients)
+        li, Li, M, S, zy = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, exps, bms)
+        _row_grad_stored(exps, out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms)
+    elif scratch.shape[0] != 0:
+        _transform_row(x[i], scratch, cap, kind)
+        li, Li, M, S, _ = _row_loss(scratch, w, t[i], yi, eps, zeta, kind, W, want_lse, w[0:0], bms)
+        _row_grad(scratch, x[i], out[i], w, t[i], yi, eps, zeta, kind, Wg, cap, Li, M, S, sc, zsc)
+    else:
+        li, Li, M, S, _ = _row_loss(x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, w[0:0], bms)
+        _row_grad(x[i], x[i], out[i], w, t[i], yi, eps, zeta, kind, Wg, cap, Li, M, S, sc, zsc)
+    loss[i] = li
+    lse[i] = Li if want_lse else np.nan
+
+
 @njit(**_PAR)
 def forward_grad_kernel(
     x, y, t, w, W, eps, zeta, cap, kind, nthreads, scale, zscale, store_exp, loss, lse, out
@@ -997,10 +1177,12 @@ def forward_grad_kernel(
     nb = max(1, min(nthreads, n))
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
-    want_lse = kind == KIND_LOGITS
-    # tiles keep their exps in a float scratch, so any out dtype (float16 too) can use them
-    tiled = kind == KIND_LOGITS and cap == 0.0 and C <= TILE_GRAD_C and not soft
+    plain = kind == KIND_LOGITS and cap == 0.0 and not soft
     park = kind == KIND_LOGITS and cap == 0.0 and not store_exp
+    # tiles keep their exps in a float scratch, so any out dtype (float16 too) can use them
+    tiled = plain and C <= TILE_GRAD_C
+    # one-block rows: pipelined like the forward's, exps parked in out or a float tile
+    rows_tiled = plain and TILE_GRAD_C < C <= BLOCK
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
@@ -1014,81 +1196,98 @@ def forward_grad_kernel(
                     x, y, lo, k, w, eps, zeta, W, scale, zscale, loss, lse, out, buf, acc, tmp
                 )
                 lo += k
+        elif rows_tiled:
+            _, _, tmp = _tile_scratch(0, w)
+            park_tile = np.empty((TILE if park else 0, C), dtype=w.dtype)
+            while lo < hi:
+                k = min(TILE, hi - lo)
+                # (two calls: out and the float tile differ in type for 16-bit gradients)
+                if store_exp:
+                    _rows_loss_grad(
+                        x,
+                        y,
+                        lo,
+                        k,
+                        w,
+                        eps,
+                        zeta,
+                        W,
+                        scale,
+                        zscale,
+                        loss,
+                        lse,
+                        out,
+                        out,
+                        lo,
+                        True,
+                        tmp,
+                    )
+                else:
+                    _rows_loss_grad(
+                        x,
+                        y,
+                        lo,
+                        k,
+                        w,
+                        eps,
+                        zeta,
+                        W,
+                        scale,
+                        zscale,
+                        loss,
+                        lse,
+                        out,
+                        park_tile,
+                        0,
+                        False,
+                        tmp,
+                    )
+                for r in range(k):  # rows the pipeline left alone: no finite max
+                    if tmp[_T_TGT, r] == _SPECIAL:
+                        _loss_grad_row(
+                            x,
+                            y,
+                            t,
+                            w,
+                            W,
+                            eps,
+                            zeta,
+                            cap,
+                            kind,
+                            scale,
+                            zscale,
+                            store_exp,
+                            lo + r,
+                            scratch,
+                            exps,
+                            bms,
+                            loss,
+                            lse,
+                            out,
+                        )
+                lo += k
         for i in range(lo, hi):
-            yi = 0 if soft else y[i]
-            if yi < 0:
-                loss[i] = 0.0
-                lse[i] = np.nan
-                _zero_row(out[i], w)
-                continue
-            sc = _row_scale(scale, i)
-            zsc = _row_scale(zscale, i)
-            Wg = W
-            if soft:
-                # Σ u = Σ_c w_c·t'_c is this row's "total coefficient"
-                Wg = _soft_total(w, t[i], 1.0 - eps, eps / C)
-            if store_exp:
-                li, Li, M, S, zy = _row_loss(
-                    x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, out[i], bms
-                )
-                _row_grad_stored(
-                    exps, out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms
-                )
-            elif park:
-                # 16-bit gradients: the exps wait in a float row, so each costs one exp
-                li, Li, M, S, zy = _row_loss(
-                    x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, exps, bms
-                )
-                _row_grad_stored(
-                    exps, out[i], w, t[i], yi, eps, zeta, Wg, Li, M, S, zy, sc, zsc, bms
-                )
-            elif scratch_len:
-                _transform_row(x[i], scratch, cap, kind)
-                li, Li, M, S, _ = _row_loss(
-                    scratch, w, t[i], yi, eps, zeta, kind, W, want_lse, w[0:0], bms
-                )
-                _row_grad(
-                    scratch,
-                    x[i],
-                    out[i],
-                    w,
-                    t[i],
-                    yi,
-                    eps,
-                    zeta,
-                    kind,
-                    Wg,
-                    cap,
-                    Li,
-                    M,
-                    S,
-                    sc,
-                    zsc,
-                )
-            else:
-                li, Li, M, S, _ = _row_loss(
-                    x[i], w, t[i], yi, eps, zeta, kind, W, want_lse, w[0:0], bms
-                )
-                _row_grad(
-                    x[i],
-                    x[i],
-                    out[i],
-                    w,
-                    t[i],
-                    yi,
-                    eps,
-                    zeta,
-                    kind,
-                    Wg,
-                    cap,
-                    Li,
-                    M,
-                    S,
-                    sc,
-                    zsc,
-                )
-            loss[i] = li
-            lse[i] = Li if want_lse else np.nan
+            _loss_grad_row(
+                x,
+                y,
+                t,
+                w,
+                W,
+                eps,
+                zeta,
+                cap,
+                kind,
+                scale,
+                zscale,
+                store_exp,
+                i,
+                scratch,
+                exps,
+                bms,
+                loss,
+                lse,
+                out,
+            )
 
 
 @njit(**_JIT)
