@@ -567,15 +567,17 @@ def _thread_span(b, nb, n):
     return b * n // nb, (b + 1) * n // nb
 
 
-# Rows with few classes are processed in transposed tiles (see _tile_reduce).
+# Rows with few classes are processed in transposed tiles (see _tile_reduce); longer
+# ones up to BLOCK row by row, pipelined, with the finish across a tile (_rows_loss).
 TILE = 64  # rows per tile: 4 float32 vectors across rows (best of 16/32/64/128/256 at C = 10)
-# Measured (float32, 2 threads, GB/s) tile / one row at a time with a tiled finish / per row:
-# C=32 6.1/3.6/1.6, C=64 6.2/5.5/2.9, C=128 7.1/9.0/4.5, C=256 5.9/10.9/6.7, C=1000 -/13.8/12.0
-TILE_C = 64  # forward: transposed tiles up to here, then row-wise tiles up to BLOCK
-# forward+grad: transposed tiles up to here (4x at C = 10). 128 itself goes row by row:
-# its rows are whole 64-element vector runs (+15% float32, +28% float16), while at 96-120
-# the row loops' scalar remainders make the tiles faster (+10-40%)
-TILE_GRAD_C = 127
+# Where the transposed tiles stop is set in bytes per row: the row loops' cost is their
+# scalar remainder, which float16 pays per element converted. Measured (GB/s, 2 threads)
+# transposed tile / pipelined rows, float32: forward C=10 6.6/3.1, 24 6.2/6.5, 32 6.5/8.5,
+# 64 6.7/9.7; forward+grad C=10 6.7/5.7, 16 7.4/9.9, 64 8.4/14.6, 127 9.1/17.3.
+# float16: forward C=32 3.7/3.0, 48 3.7/3.7, 64 3.9/5.7; forward+grad C=28 4.2/3.1,
+# 40 4.7/5.8, 100 5.4/6.5.
+TILE_ROW_BYTES = 96  # forward: transposed tiles for rows up to here (float32: C <= 24)
+TILE_GRAD_ROW_BYTES = 63  # forward+grad: ... (float32: C <= 15, float16: C <= 31)
 TILE_STATS_C = 128  # row stats: tiles up to here (C = 128: +30% float32, +46% float16;
 # at 192 the rows are faster)
 
@@ -833,7 +835,7 @@ def _rows_reduce(x, y, r0, count, w, eps, tmp):
 
 @njit(**_JIT)
 def _rows_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, tmp):
-    """Losses of rows r0 .. r0+count of a matrix with rows longer than TILE_C."""
+    """Losses of rows r0 .. r0+count of a matrix with rows past TILE_ROW_BYTES."""
     _rows_reduce(x, y, r0, count, w, eps, tmp)
     _tile_finish(x.shape[1], eps, zeta, W, tmp)
     _tile_store_losses(r0, count, tmp, loss, lse)
@@ -841,7 +843,7 @@ def _rows_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, tmp):
 
 @njit(**_JIT)
 def _tile_loss(x, y, r0, count, w, eps, zeta, W, loss, lse, buf, acc, tmp):
-    """Losses of rows r0 .. r0+count of a short-row (C <= TILE_C) matrix."""
+    """Losses of rows r0 .. r0+count of a short-row (up to TILE_ROW_BYTES) matrix."""
     _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, False, False)
     _tile_finish(x.shape[1], eps, zeta, W, tmp)
     _tile_store_losses(r0, count, tmp, loss, lse)
@@ -1076,10 +1078,11 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
         none = w[0:0]  # no stored exps in a forward pass
         bms = np.empty(0)
         if plain:
-            buf, acc, tmp = _tile_scratch(C if C <= TILE_C else 0, w)
+            transposed = C * x.itemsize <= TILE_ROW_BYTES
+            buf, acc, tmp = _tile_scratch(C if transposed else 0, w)
             while lo < hi:
                 k = min(TILE, hi - lo)
-                if C <= TILE_C:
+                if transposed:
                     _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, acc, tmp)
                 else:
                     _rows_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, tmp)
@@ -1180,9 +1183,9 @@ def forward_grad_kernel(
     plain = kind == KIND_LOGITS and cap == 0.0 and not soft
     park = kind == KIND_LOGITS and cap == 0.0 and not store_exp
     # tiles keep their exps in a float scratch, so any out dtype (float16 too) can use them
-    tiled = plain and C <= TILE_GRAD_C
+    tiled = plain and C * x.itemsize <= TILE_GRAD_ROW_BYTES
     # one-block rows: pipelined like the forward's, exps parked in out or a float tile
-    rows_tiled = plain and TILE_GRAD_C < C <= BLOCK
+    rows_tiled = plain and not tiled and C <= BLOCK
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n)
         scratch = np.empty(scratch_len, dtype=w.dtype)
