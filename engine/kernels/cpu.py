@@ -738,23 +738,6 @@ def _max_and_sumexp(nxt, cur, bm, w):
     return m, ones, rest
 
 
-@njit(inline="always", **_JIT)
-def _put_row(x, i, r, yi, bm, ones, rest, w, tmp):
-    """Store row i's M, S (its max bm and exp-sum split) and target terms in tile lane r."""
-    row = x[i]
-    if bm > -np.inf:
-        M = np.float64(bm)
-        S = np.float64(ones) + np.float64(rest)
-    else:  # all -inf, or NaN and -inf: the general path sorts these out
-        none = w[0:0]
-        M, S, _, _, _ = _row_reduce(row, w, none, 1.0, 0.0, True, False, False, none, tmp[0, 0:0])
-    tmp[_T_M, r] = M
-    tmp[_T_S, r] = S
-    tmp[_T_D, r] = 0.0
-    tmp[_T_ZY, r] = np.float64(widen(row[yi]))
-    tmp[_T_WY, r] = np.float64(w[yi])
-
-
 @njit(**_JIT)
 def _rows_reduce_pipelined(x, y, r0, count, w, tmp):
     """_rows_reduce for one-block rows without smoothing: each row's max is taken in the
@@ -762,31 +745,51 @@ def _rows_reduce_pipelined(x, y, r0, count, w, tmp):
     C = x.shape[1]
     p = -1  # lane of the pending row: its max is known, its exp sum not yet
     pbm = as_t(-np.inf, w)
+    special = False
     for r in range(TILE + 1):
         if r < TILE:
             yi = y[r0 + r] if r < count else -1
             tmp[_T_TGT, r] = yi
-            if yi < 0:  # padding and rows not counted: a harmless finite lane
-                tmp[_T_M, r] = 0.0
-                tmp[_T_S, r] = 1.0
-                tmp[_T_D, r] = 0.0
-                tmp[_T_ZY, r] = 0.0
-                tmp[_T_WY, r] = 0.0
+            tmp[_T_M, r] = 0.0  # padding and rows not counted: a harmless finite lane
+            tmp[_T_S, r] = 1.0
+            tmp[_T_D, r] = 0.0
+            tmp[_T_ZY, r] = 0.0
+            tmp[_T_WY, r] = 0.0
+            if yi < 0:
                 continue
             nxt = r
         elif p < 0:
             break
         else:
             nxt = p  # past the last row: the pending row's own max rides along, unused
-        if p < 0:
-            bm = _block_max(x[r0 + nxt], 0, C, w)
-        else:
+        if p >= 0:
             # one call site for every row: an exp sum from another loop would round
             # differently, and results must not depend on where a tile or thread ends
             bm, ones, rest = _max_and_sumexp(x[r0 + nxt], x[r0 + p], pbm, w)
-            _put_row(x, r0 + p, p, int(tmp[_T_TGT, p]), pbm, ones, rest, w, tmp)
+            if pbm > -np.inf:
+                tmp[_T_M, p] = np.float64(pbm)
+                tmp[_T_S, p] = np.float64(ones) + np.float64(rest)
+            else:
+                tmp[_T_M, p] = np.nan  # no finite max (all -inf, or NaN): see below
+                special = True
+        else:
+            bm = _block_max(x[r0 + nxt], 0, C, w)
         p = nxt
         pbm = bm
+    for r in range(count):
+        yi = np.int64(tmp[_T_TGT, r])
+        if yi < 0:
+            continue
+        row = x[r0 + r]
+        if special and tmp[_T_M, r] != tmp[_T_M, r]:  # the general path sorts these out
+            none = w[0:0]
+            M, S, _, _, _ = _row_reduce(
+                row, w, none, 1.0, 0.0, True, False, False, none, tmp[0, 0:0]
+            )
+            tmp[_T_M, r] = M
+            tmp[_T_S, r] = S
+        tmp[_T_ZY, r] = np.float64(widen(row[yi]))
+        tmp[_T_WY, r] = np.float64(w[yi])
 
 
 @njit(**_JIT)
@@ -947,9 +950,6 @@ def _rows_loss_grad(
             tmp[_T_WY, r] = 0.0
             if yi < 0:
                 continue
-            # read before any exps are stored (the gradient may overwrite these logits)
-            tmp[_T_ZY, r] = np.float64(widen(x[r0 + r, yi]))
-            tmp[_T_WY, r] = np.float64(w[yi])
             nxt = r
         elif p < 0:
             break
@@ -967,9 +967,14 @@ def _rows_loss_grad(
         pbm = bm
     c1 = 1.0 - eps
     c0 = eps / C
-    if eps != 0.0:  # Σ w·(M - z): the logits are still intact (nothing written to x yet)
-        for r in range(count):
-            if tmp[_T_TGT, r] >= 0:
+    # the logits are still intact here (nothing is written to out, which may be x, yet);
+    # z_y read after the row loop, not before: a load ahead of it would stall on memory
+    for r in range(count):
+        yi = np.int64(tmp[_T_TGT, r])
+        if yi >= 0:
+            tmp[_T_ZY, r] = np.float64(widen(x[r0 + r, yi]))
+            tmp[_T_WY, r] = np.float64(w[yi])
+            if eps != 0.0:  # Σ w·(M - z)
                 bm = as_t(tmp[_T_M, r], w)
                 a, _ = _block_deviation(x[r0 + r], 0, C, bm, w, w[0:0], 1.0, 0.0)
                 tmp[_T_D, r] = np.float64(a)
