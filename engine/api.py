@@ -136,8 +136,9 @@ def prepare_targets(
     else:
         y = np.empty(n, dtype=np.int64)
         counted = np.empty(n, dtype=bool)
+    weights = np.zeros(0) if opts.weight is None else np.asarray(w, dtype=np.float64)  # empty: 1s
     weight_sum, rows, bad = class_targets(
-        target, c, int(opts.ignore_index), mask, np.asarray(w, dtype=np.float64), y, counted
+        target, c, int(opts.ignore_index), mask, weights, y, counted
     )
     if alias:
         y = target
