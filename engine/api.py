@@ -11,7 +11,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from engine import dtypes, scratch
-from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, STORAGE_NATIVE, Problem
+from engine.kernels import (
+    STORAGE_BF16_BITS,
+    STORAGE_F16_BITS,
+    STORAGE_NATIVE,
+    Problem,
+    sum_blocks,
+)
 from engine.options import LossOptions, make_options
 
 _STORAGE_CODES = {
@@ -205,10 +211,13 @@ def _split_z(loss_rows, lse, targets, opts):
     return total - z_sum, z_sum
 
 
-def _finish(loss_rows, lse, targets, opts):
+def _finish(loss_rows, lse, targets, opts, bufs):
     if opts.reduction == "none":
         return loss_rows
-    ce_sum, z_sum = _split_z(loss_rows, lse, targets, opts)
+    if "sums" in bufs:  # the backend summed each block of rows: 1/64 of the rows to read
+        ce_sum, z_sum = float(np.sum(bufs["sums"])), 0.0
+    else:
+        ce_sum, z_sum = _split_z(loss_rows, lse, targets, opts)
     return reduce_loss(ce_sum, z_sum, targets.weight_sum, targets.counted_rows, opts.reduction)
 
 
@@ -218,8 +227,9 @@ def cross_entropy(logits, target, *, device: str = "cpu", **options):
     Returns a float (reduction mean/sum) or a per-row array (reduction none).
     """
     opts, _, targets, problem = _setup(logits, target, options)
-    loss_rows, lse = backend(device).forward(problem, **_row_buffers(problem, opts))
-    return _finish(loss_rows, lse, targets, opts)
+    bufs = _row_buffers(problem, opts)
+    loss_rows, lse = backend(device).forward(problem, **bufs)
+    return _finish(loss_rows, lse, targets, opts, bufs)
 
 
 def _row_buffers(problem: Problem, opts: LossOptions) -> dict:
@@ -228,6 +238,8 @@ def _row_buffers(problem: Problem, opts: LossOptions) -> dict:
     bufs = {"lse": scratch.buffer("rows.lse", n, problem.compute)}
     if opts.reduction != "none":
         bufs["loss"] = scratch.buffer("rows.loss", n, problem.compute)
+        if opts.z_loss == 0.0:  # (with z-loss, the host splits the sum by lse)
+            bufs["sums"] = scratch.buffer("rows.sums", sum_blocks(n), np.float64)
     return bufs
 
 
@@ -294,7 +306,7 @@ def cross_entropy_grad(
     scale, zscale = row_scales(targets, opts, grad_output, x.shape[0])
     bufs = _row_buffers(problem, opts)
     loss_rows, lse = backend(device).forward_grad(problem, scale, zscale, out, **bufs)
-    return _finish(loss_rows, lse, targets, opts), out
+    return _finish(loss_rows, lse, targets, opts, bufs), out
 
 
 def row_stats(logits, target, *, device: str = "cpu", **options) -> RowStats:

@@ -6,6 +6,7 @@ Tolerances are SPEC §2's: float32 loss within 2e-6 relative of float64, gradien
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -527,3 +528,28 @@ def test_int64_targets_serve_as_kernel_targets_untouched(rng):
     y[3] = 30  # still checked: out of range names the row
     with pytest.raises(Exception, match="3"):
         engine.cross_entropy(x, y)
+
+
+# -- reductions from the kernels' per-block sums -----------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [10, 300, 3000])  # transposed tiles, row tiles, rows
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reductions_from_block_sums(rng, classes, reduction):
+    """mean/sum come from sums of 64-row blocks the kernels add: against the reference,
+    against the rows they sum, and the same to the bit for any thread count."""
+    x, y = _inputs(rng, 1000 if classes < 3000 else 141, classes, ignore_frac=0.1)
+    w = rng.uniform(0.5, 2.0, classes)
+    rows_loss = engine.cross_entropy(x, y, reduction="none", weight=w)
+    for fn in (engine.cross_entropy, lambda *a, **k: engine.cross_entropy_grad(*a, **k)[0]):
+        got = fn(x, y, reduction=reduction, weight=w)
+        _close(got, R.cross_entropy(x, y, reduction=reduction, weight=w), 2e-6)
+        total = np.sum(rows_loss, dtype=np.float64)
+        expect = total if reduction == "sum" else total / np.sum(w[y[y >= 0]])
+        assert got == pytest.approx(expect, rel=1e-12)
+        old = numba.get_num_threads()
+        try:
+            numba.set_num_threads(1)
+            assert fn(x, y, reduction=reduction, weight=w) == got
+        finally:
+            numba.set_num_threads(old)

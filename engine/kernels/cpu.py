@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, Problem
+from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, SUM_ROWS, Problem
 from engine.kernels._vecmath import (
     bf16_bits_to_f32,
     exp_nonpos_f32,
@@ -564,12 +564,44 @@ def _zero_row(out, w):
 
 @njit(**_JIT)
 def _thread_span(b, nb, n):
-    return b * n // nb, (b + 1) * n // nb
+    """Thread b's rows, cut at multiples of TILE: a tile (and a block of the loss sums)
+    never straddles two threads, whatever their number."""
+    lo = (b * n // nb) // TILE * TILE
+    hi = n if b == nb - 1 else ((b + 1) * n // nb) // TILE * TILE
+    return lo, hi
+
+
+# no fastmath: four fixed chains, the same order wherever it is inlined
+@njit(cache=True, nogil=True)
+def _block_sums(loss, lo, hi, sums):
+    """sums[b] = Σ loss over the TILE-row blocks b in [lo, hi) (lo a multiple of TILE);
+    nothing when ``sums`` is empty. See the backend contract (engine/kernels)."""
+    if sums.shape[0] == 0:
+        return
+    i = lo
+    while i < hi:
+        end = min(i + TILE, hi)
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        j = i
+        while j + 4 <= end:
+            a0 += np.float64(loss[j])
+            a1 += np.float64(loss[j + 1])
+            a2 += np.float64(loss[j + 2])
+            a3 += np.float64(loss[j + 3])
+            j += 4
+        while j < end:
+            a0 += np.float64(loss[j])
+            j += 1
+        sums[i // TILE] = (a0 + a1) + (a2 + a3)
+        i = end
 
 
 # Rows with few classes are processed in transposed tiles (see _tile_reduce); longer
 # ones up to BLOCK row by row, pipelined, with the finish across a tile (_rows_loss).
-TILE = 64  # rows per tile: 4 float32 vectors across rows (best of 16/32/64/128/256 at C = 10)
+TILE = SUM_ROWS  # rows per tile: 4 float32 vectors across rows (64: best of 16..256 at C = 10)
 # Where the transposed tiles stop is set in bytes per row: the row loops' cost is their
 # scalar remainder, which float16 pays per element converted. Measured (GB/s, 2 threads)
 # transposed tile / pipelined rows, float32: forward C=10 6.6/3.1, 24 6.2/6.5, 32 6.5/8.5,
@@ -1069,8 +1101,9 @@ def _tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
 
 
 @njit(**_PAR)
-def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
-    """Per-row loss and lse. t is (rows x C) soft targets or (rows x 0) for class targets."""
+def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse, sums):
+    """Per-row loss and lse. t is (rows x C) soft targets or (rows x 0) for class targets.
+    ``sums``: the loss sum of each TILE-row block, or empty (see _block_sums)."""
     n, C = x.shape
     nb = max(1, min(nthreads, n))
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
@@ -1091,7 +1124,9 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
                     _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, acc, tmp)
                 else:
                     _rows_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, tmp)
+                _block_sums(loss, lo, lo + k, sums)
                 lo += k
+        row0 = lo
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if yi < 0:  # not counted: skipped entirely
@@ -1112,6 +1147,7 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse):
                 )
             loss[i] = li
             lse[i] = Li if want_lse else np.nan
+        _block_sums(loss, row0, hi, sums)
 
 
 @njit(**_JIT)
@@ -1172,7 +1208,7 @@ def _loss_grad_row(
 
 @njit(**_PAR)
 def forward_grad_kernel(
-    x, y, t, w, W, eps, zeta, cap, kind, nthreads, scale, zscale, store_exp, loss, lse, out
+    x, y, t, w, W, eps, zeta, cap, kind, nthreads, scale, zscale, store_exp, loss, lse, out, sums
 ):
     """forward_kernel, then the gradient of each row into out (which may alias x).
 
@@ -1203,6 +1239,7 @@ def forward_grad_kernel(
                 _tile_loss_grad(
                     x, y, lo, k, w, eps, zeta, W, scale, zscale, loss, lse, out, buf, acc, tmp
                 )
+                _block_sums(loss, lo, lo + k, sums)
                 lo += k
         elif rows_tiled:
             _, _, tmp = _tile_scratch(0, w)
@@ -1273,7 +1310,9 @@ def forward_grad_kernel(
                             lse,
                             out,
                         )
+                _block_sums(loss, lo, lo + k, sums)
                 lo += k
+        row0 = lo
         for i in range(lo, hi):
             _loss_grad_row(
                 x,
@@ -1296,6 +1335,7 @@ def forward_grad_kernel(
                 lse,
                 out,
             )
+        _block_sums(loss, row0, hi, sums)
 
 
 @njit(**_JIT)
@@ -1472,16 +1512,26 @@ def _rows_out(p: Problem, loss, lse):
     return loss, lse
 
 
-def forward(p: Problem, loss=None, lse=None):
+def _sums_arg(sums):
+    return np.empty(0) if sums is None else sums
+
+
+def forward(p: Problem, loss=None, lse=None, sums=None):
     loss, lse = _rows_out(p, loss, lse)
     n = p.rows
     if n:
-        forward_kernel(*_args(p), loss, lse)
+        forward_kernel(*_args(p), loss, lse, _sums_arg(sums))
     return loss, lse
 
 
 def forward_grad(
-    p: Problem, scale: np.ndarray, zscale: np.ndarray, out: np.ndarray, loss=None, lse=None
+    p: Problem,
+    scale: np.ndarray,
+    zscale: np.ndarray,
+    out: np.ndarray,
+    loss=None,
+    lse=None,
+    sums=None,
 ):
     loss, lse = _rows_out(p, loss, lse)
     n = p.rows
@@ -1501,6 +1551,7 @@ def forward_grad(
             loss,
             lse,
             _out_view(out, p),
+            _sums_arg(sums),
         )
     return loss, lse
 

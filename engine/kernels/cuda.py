@@ -73,7 +73,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import dtypes
-from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, STORAGE_NATIVE, Problem
+from engine.kernels import (
+    STORAGE_BF16_BITS,
+    STORAGE_F16_BITS,
+    STORAGE_NATIVE,
+    Problem,
+    block_sums_on_host,
+)
 
 NO_CUDA_MESSAGE = "CUDA requested but no CUDA device/driver was found"
 
@@ -901,17 +907,22 @@ def _run(p: Problem, mode: str, scale=None, zscale=None, out=None):
     return results
 
 
-def forward(p: Problem, loss=None, lse=None):
+def forward(p: Problem, loss=None, lse=None, sums=None):
     """(loss, lse) per row, arrays of the compute dtype (see engine/kernels/__init__.py).
 
-    ``loss``/``lse`` (host buffers the CPU backend may fill) are not used here."""
+    ``loss``/``lse`` (host buffers the CPU backend may fill) are not used here; ``sums``
+    is filled on the host from the loss rows."""
     res = _run(p, "forward")
+    if sums is not None:
+        block_sums_on_host(res["loss"], sums)
     return res["loss"], res["lse"]
 
 
-def forward_grad(p: Problem, scale, zscale, out: np.ndarray, loss=None, lse=None):
+def forward_grad(p: Problem, scale, zscale, out: np.ndarray, loss=None, lse=None, sums=None):
     """As :func:`forward`, and writes d loss / d logits into ``out`` (may be ``p.x``)."""
     res = _run(p, "grad", scale, zscale, out)
+    if sums is not None:
+        block_sums_on_host(res["loss"], sums)
     return res["loss"], res["lse"]
 
 
