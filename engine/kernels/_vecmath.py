@@ -97,7 +97,10 @@ def max_nan_unspecified(typingctx, a, b):
     max_skip_nan vectorises only as a loop's sole reduction; this one vectorises beside
     others (a row's max in the same loop as another row's exp sum). With a NaN operand
     the result is NaN or the max of the rest, so a caller must detect NaN elsewhere:
-    the kernels' exp sums turn any NaN logit into a NaN sum.
+    the kernels' exp sums turn any NaN logit into a NaN sum, whatever the shift.
+    (In LLVM's terms that result is poison; passing it through ``freeze`` would make the
+    branches on it well defined, but the freeze stopped the loop vectorising, 8x slower.
+    The NaN-row tests in tests/test_cpu_kernels.py guard what this compiles to.)
     """
     if not (a == b and a in (types.float32, types.float64)):
         return None
