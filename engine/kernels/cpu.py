@@ -563,11 +563,13 @@ def _zero_row(out, w):
 
 
 @njit(**_JIT)
-def _thread_span(b, nb, n):
-    """Thread b's rows, cut at multiples of TILE: a tile (and a block of the loss sums)
-    never straddles two threads, whatever their number."""
-    lo = (b * n // nb) // TILE * TILE
-    hi = n if b == nb - 1 else ((b + 1) * n // nb) // TILE * TILE
+def _thread_span(b, nb, n, align):
+    """Thread b's rows, cut at multiples of ``align``. Paths whose tiles add the loss
+    sums (cheap rows, many of them) align to TILE, so a block of the sums never straddles
+    two threads; the others split evenly (95 rows of 262144 classes cut at 64 would leave
+    one of two threads idle) and sum afterwards (_sum_blocks_after)."""
+    lo = (b * n // nb) // align * align
+    hi = n if b == nb - 1 else ((b + 1) * n // nb) // align * align
     return lo, hi
 
 
@@ -597,6 +599,14 @@ def _block_sums(loss, lo, hi, sums):
             j += 1
         sums[i // TILE] = (a0 + a1) + (a2 + a3)
         i = end
+
+
+@njit(**_PAR)
+def _sum_blocks_after(loss, sums):
+    """_block_sums over all rows, for paths whose threads split rows off block bounds."""
+    n = loss.shape[0]
+    for b in prange(sums.shape[0]):
+        _block_sums(loss, b * TILE, min(n, (b + 1) * TILE), sums)
 
 
 # Rows with few classes are processed in transposed tiles (see _tile_reduce); longer
@@ -1110,8 +1120,10 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse, sum
     soft = t.shape[1] != 0
     want_lse = kind == KIND_LOGITS
     plain = want_lse and not soft and not scratch_len
+    aligned = plain and C <= BLOCK  # the tiles add the loss sums (see _thread_span)
+    tile_sums = sums if aligned else sums[0:0]
     for b in prange(nb):
-        lo, hi = _thread_span(b, nb, n)
+        lo, hi = _thread_span(b, nb, n, TILE if aligned else 1)
         scratch = np.empty(scratch_len, dtype=w.dtype)
         none = w[0:0]  # no stored exps in a forward pass
         bms = np.empty(0)
@@ -1124,9 +1136,8 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse, sum
                     _tile_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, buf, acc, tmp)
                 else:
                     _rows_loss(x, y, lo, k, w, eps, zeta, W, loss, lse, tmp)
-                _block_sums(loss, lo, lo + k, sums)
+                _block_sums(loss, lo, lo + k, tile_sums)
                 lo += k
-        row0 = lo
         for i in range(lo, hi):
             yi = 0 if soft else y[i]
             if yi < 0:  # not counted: skipped entirely
@@ -1147,7 +1158,8 @@ def forward_kernel(x, y, t, w, W, eps, zeta, cap, kind, nthreads, loss, lse, sum
                 )
             loss[i] = li
             lse[i] = Li if want_lse else np.nan
-        _block_sums(loss, row0, hi, sums)
+    if not aligned and sums.shape[0] != 0:
+        _sum_blocks_after(loss, sums)
 
 
 @njit(**_JIT)
@@ -1227,8 +1239,10 @@ def forward_grad_kernel(
     tiled = plain and C * x.itemsize <= TILE_GRAD_ROW_BYTES
     # one-block rows: pipelined like the forward's, exps parked in out or a float tile
     rows_tiled = plain and not tiled and C <= BLOCK
+    aligned = tiled or rows_tiled  # the tiles add the loss sums (see _thread_span)
+    tile_sums = sums if aligned else sums[0:0]
     for b in prange(nb):
-        lo, hi = _thread_span(b, nb, n)
+        lo, hi = _thread_span(b, nb, n, TILE if aligned else 1)
         scratch = np.empty(scratch_len, dtype=w.dtype)
         exps = np.empty(C if park else 0, dtype=w.dtype)
         bms = np.empty((C + BLOCK - 1) // BLOCK)
@@ -1239,7 +1253,7 @@ def forward_grad_kernel(
                 _tile_loss_grad(
                     x, y, lo, k, w, eps, zeta, W, scale, zscale, loss, lse, out, buf, acc, tmp
                 )
-                _block_sums(loss, lo, lo + k, sums)
+                _block_sums(loss, lo, lo + k, tile_sums)
                 lo += k
         elif rows_tiled:
             _, _, tmp = _tile_scratch(0, w)
@@ -1310,9 +1324,8 @@ def forward_grad_kernel(
                             lse,
                             out,
                         )
-                _block_sums(loss, lo, lo + k, sums)
+                _block_sums(loss, lo, lo + k, tile_sums)
                 lo += k
-        row0 = lo
         for i in range(lo, hi):
             _loss_grad_row(
                 x,
@@ -1335,7 +1348,8 @@ def forward_grad_kernel(
                 lse,
                 out,
             )
-        _block_sums(loss, row0, hi, sums)
+    if not aligned and sums.shape[0] != 0:
+        _sum_blocks_after(loss, sums)
 
 
 @njit(**_JIT)
@@ -1448,7 +1462,7 @@ def stats_kernel(
     soft = t.shape[1] != 0
     tiled = kind == KIND_LOGITS and not soft and not scratch_len and C <= 512
     for b in prange(nb):
-        lo, hi = _thread_span(b, nb, n)
+        lo, hi = _thread_span(b, nb, n, 1)
         scratch = np.empty(scratch_len, dtype=w.dtype)
         bms = np.empty(0)  # per thread: no allocation per row
         if tiled:
