@@ -91,14 +91,20 @@ def _handle_errors(ctx: click.Context):
     except KeyboardInterrupt:
         if _debug(ctx):
             raise
-        click.echo("Interrupted", err=True)
-        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        _interrupted()
     except BrokenPipeError:
         raise  # `xent ... | head`: click ends quietly
     except Exception as e:
+        if interrupt.requested() and not _debug(ctx):
+            _interrupted()  # an error in the interrupt's wake (see engine/interrupt.py)
         if _debug(ctx) or not isinstance(e, _user_error_types()):
             raise
         raise XentCliError(describe_error(e)) from None
+
+
+def _interrupted():
+    click.echo("Interrupted", err=True)
+    raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 class XentGroup(click.Group):
