@@ -71,13 +71,8 @@ def _fma(typingctx, a, b, c):
     return types.float32(a, b, c), codegen
 
 
-@intrinsic
-def max_skip_nan(typingctx, a, b):
-    """max(a, b) where a NaN operand never wins (llvm.maxnum).
-
-    Unlike ``a if a > m else m``, LLVM recognises a loop of these as a max reduction and
-    vectorises it (measured 2.3x faster for float32 rows, 5x for float16 ones).
-    """
+def _maxnum(a, b, flags):
+    """Typing and codegen of llvm.maxnum for two floats of one type, with fast-math flags."""
     if not (a == b and a in (types.float32, types.float64)):
         return None
     llty = ir.FloatType() if a == types.float32 else ir.DoubleType()
@@ -85,9 +80,19 @@ def max_skip_nan(typingctx, a, b):
     def codegen(context, builder, sig, args):
         fnty = ir.FunctionType(llty, [llty, llty])
         fn = builder.module.declare_intrinsic("llvm.maxnum", [llty], fnty)
-        return builder.call(fn, args)
+        return builder.call(fn, args, fastmath=flags)
 
     return a(a, b), codegen
+
+
+@intrinsic
+def max_skip_nan(typingctx, a, b):
+    """max(a, b) where a NaN operand never wins (llvm.maxnum).
+
+    Unlike ``a if a > m else m``, LLVM recognises a loop of these as a max reduction and
+    vectorises it (measured 2.3x faster for float32 rows, 5x for float16 ones).
+    """
+    return _maxnum(a, b, ())
 
 
 @intrinsic
@@ -102,16 +107,7 @@ def max_nan_unspecified(typingctx, a, b):
     branches on it well defined, but the freeze stopped the loop vectorising, 8x slower.
     The NaN-row tests in tests/test_cpu_kernels.py guard what this compiles to.)
     """
-    if not (a == b and a in (types.float32, types.float64)):
-        return None
-    llty = ir.FloatType() if a == types.float32 else ir.DoubleType()
-
-    def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(llty, [llty, llty])
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [llty], fnty)
-        return builder.call(fn, args, fastmath=("nnan",))
-
-    return a(a, b), codegen
+    return _maxnum(a, b, ("nnan",))
 
 
 @intrinsic
