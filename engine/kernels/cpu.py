@@ -31,6 +31,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, SUM_ROWS, Problem
+from engine.kernels._transpose import LANES, transpose16
 from engine.kernels._vecmath import (
     bf16_bits_to_f32,
     exp_nonpos_f32,
@@ -645,6 +646,36 @@ def _tile_scratch(C, w):
     )
 
 
+def transpose_tile(x, r0, count, buf):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(transpose_tile)
+def _transpose_tile(x, r0, count, buf):
+    """buf[:C, :TILE] = x[r0 : r0 + TILE].T in registers (engine/kernels/_transpose.py);
+    False where the caller must copy element by element: float64 logits, a strided class
+    axis, a short tile, or rows too close to the array's end for 16-wide reads."""
+    if x.dtype not in (types.float32, types.uint16, types.int16):
+        return lambda x, r0, count, buf: False
+
+    def vector(x, r0, count, buf):
+        n, C = x.shape
+        step = x.strides[0] // x.itemsize  # rows apart, in elements
+        last_col = (C - 1) // LANES * LANES + LANES - 1  # the last element a row read touches
+        if (
+            count != TILE
+            or x.strides[1] != x.itemsize
+            or (r0 + TILE - 1) * step + last_col > (n - 1) * step + C - 1
+        ):
+            return False
+        for q in range(0, TILE, LANES):
+            for c0 in range(0, C, LANES):
+                transpose16(x, r0 + q, c0, min(LANES, C - c0), buf, q)
+        return True
+
+    return vector
+
+
 @njit(**_JIT)
 def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp, entropy):
     """Max, exp-sum split and Σ w·(m - z) of rows r0 .. r0+count (count <= TILE).
@@ -664,13 +695,14 @@ def _tile_reduce(x, y, r0, count, w, eps, buf, acc, tmp, keep_exp, entropy):
     tgt = tmp[_T_TGT]
     zy = tmp[_T_ZY]
     wy = tmp[_T_WY]
-    blk = x[r0 : r0 + count]
-    for j in range(C):  # column-wise: strided gathers, contiguous stores (measured faster)
-        col = buf[j]
-        for r in range(count):
-            col[r] = widen(blk[r, j])
-        for r in range(count, TILE):
-            col[r] = as_t(0.0, w)
+    if not transpose_tile(x, r0, count, buf):
+        blk = x[r0 : r0 + count]
+        for j in range(C):  # column-wise: strided loads, contiguous stores (measured faster)
+            col = buf[j]
+            for r in range(count):
+                col[r] = widen(blk[r, j])
+            for r in range(count, TILE):
+                col[r] = as_t(0.0, w)
     for r in range(TILE):
         m[r] = buf[0, r]
     for j in range(1, C):
