@@ -179,6 +179,28 @@ def test_float16_input(rng, classes):
     assert np.isfinite(engine.cross_entropy(big, y))
 
 
+@pytest.mark.parametrize("classes", [63, 100, 127, 129, 999])
+def test_float16_rows_with_a_masked_tail(rng, classes):
+    """16-bit one-block rows run their last C % 64 elements as one masked vector: the
+    tail's maxima, NaN, -inf and targets must count exactly once."""
+    x, y = _inputs(rng, 140, classes, dtype=np.float16)
+    x[1, -1] = np.nan
+    x[2, -3:] = -np.inf
+    x[3, -1] = 40.0  # confident, target in the tail
+    y[3] = classes - 1
+    x[4, -2] = 30.0  # the row's max in the tail, target elsewhere
+    x[70] = -np.inf
+    x[70, -1] = 2.0  # the only finite logit, in the tail
+    y[70] = classes - 1
+    check(x, y, reduction="none", torch_oracle=False)
+    ref_loss, ref_grad = R.cross_entropy_grad(x, y, reduction="none")
+    grad = np.empty(x.shape, np.float16)
+    loss, _ = engine.cross_entropy_grad(x, y, reduction="none", out=grad)
+    _close(loss, ref_loss, 2e-6)
+    _grad_close(grad, ref_grad, 1e-3)
+    assert np.isnan(loss[1]) and loss[3] < 1e-6 and loss[70] == 0
+
+
 @pytest.mark.parametrize("classes", [7, 1000, 32003])
 def test_bfloat16_bits(rng, classes):
     x, y = _inputs(rng, 64, classes, ignore_frac=0.2)
