@@ -834,9 +834,10 @@ def _max_and_sumexp(nxt, cur, bm, w, masked_tail):
 
 
 @njit(**_JIT)
-def _rows_reduce_pipelined(x, y, r0, count, w, tmp, masked_tail):
-    """_rows_reduce for one-block rows without smoothing: each row's max is taken in the
-    same loop as the previous row's exp sum, so no row waits on its own max reduction."""
+def _rows_reduce_pipelined(x, y, r0, count, w, eps, tmp, masked_tail):
+    """_rows_reduce for one-block rows: each row's max is taken in the same loop as the
+    previous row's exp sum, so no row waits on its own max reduction. With smoothing,
+    Σ w·(M - z) is a second pass over each row, from cache."""
     C = x.shape[1]
     p = -1  # lane of the pending row: its max is known, its exp sum not yet
     pbm = as_t(-np.inf, w)
@@ -876,13 +877,17 @@ def _rows_reduce_pipelined(x, y, r0, count, w, tmp, masked_tail):
         if yi < 0:
             continue
         row = x[r0 + r]
+        none = w[0:0]
         if special and tmp[_T_M, r] != tmp[_T_M, r]:  # the general path sorts these out
-            none = w[0:0]
-            M, S, _, _, _ = _row_reduce(
-                row, w, none, 1.0, 0.0, True, False, False, none, tmp[0, 0:0]
+            M, S, D, _, _ = _row_reduce(
+                row, w, none, 1.0, 0.0, True, eps != 0.0, False, none, tmp[0, 0:0]
             )
             tmp[_T_M, r] = M
             tmp[_T_S, r] = S
+            tmp[_T_D, r] = D
+        elif eps != 0.0:
+            a, _ = _block_deviation(row, 0, C, as_t(tmp[_T_M, r], w), w, none, 1.0, 0.0)
+            tmp[_T_D, r] = np.float64(a)
         tmp[_T_ZY, r] = np.float64(widen(row[yi]))
         tmp[_T_WY, r] = np.float64(w[yi])
 
@@ -894,15 +899,15 @@ def _rows_reduce(x, y, r0, count, w, eps, tmp):
     none = w[0:0]
     bms = tmp[0, 0:0]  # nothing stored in a forward pass: an empty float64 view
     C = x.shape[1]
-    # Rows of one block skip _row_reduce's merging: +34% at C = 128. The shortcut sits in
-    # each caller (here, _row_loss, _row_stats), not inside _row_reduce: that is a real
-    # call per row, and with the shortcut inside it measured 25% slower at C = 128.
-    short = C <= BLOCK
-    if short and eps == 0.0:
+    # Rows of one block skip _row_reduce's merging (+34% at C = 128 before pipelining).
+    # The shortcut sits in each caller (here, _row_loss, _row_stats), not inside
+    # _row_reduce: that is a real call per row, and with the shortcut inside it measured
+    # 25% slower at C = 128.
+    if C <= BLOCK:
         if x.itemsize == 2 and C % _UNROLL != 0:  # (literal flags: two specialisations)
-            _rows_reduce_pipelined(x, y, r0, count, w, tmp, True)
+            _rows_reduce_pipelined(x, y, r0, count, w, eps, tmp, True)
         else:
-            _rows_reduce_pipelined(x, y, r0, count, w, tmp, False)
+            _rows_reduce_pipelined(x, y, r0, count, w, eps, tmp, False)
         return
     for r in range(TILE):
         i = r0 + r
@@ -916,17 +921,7 @@ def _rows_reduce(x, y, r0, count, w, eps, tmp):
             tmp[_T_WY, r] = 0.0
             continue
         row = x[i]
-        bm = _block_max(row, 0, C, w) if short else as_t(-np.inf, w)
-        if bm > -np.inf:  # one block with a finite max: its two loops, nothing to merge
-            ones, rest = _block_sumexp(row, 0, C, bm, w, none)
-            M = np.float64(bm)
-            S = np.float64(ones) + np.float64(rest)
-            D = 0.0
-            if eps != 0.0:
-                a, _ = _block_deviation(row, 0, C, bm, w, none, 1.0, 0.0)
-                D = np.float64(a)
-        else:
-            M, S, D, _, _ = _row_reduce(row, w, none, 1.0, 0.0, True, eps != 0.0, False, none, bms)
+        M, S, D, _, _ = _row_reduce(row, w, none, 1.0, 0.0, True, eps != 0.0, False, none, bms)
         tmp[_T_M, r] = M
         tmp[_T_S, r] = S
         tmp[_T_D, r] = D
