@@ -9,9 +9,12 @@ from engine.kernels._vecmath import (
     exp_f32,
     exp_nonpos_f32,
     f16_bits_to_f32,
+    f16_key_to_f32,
+    f16_order_key,
     f32_to_bf16_bits,
     f32_to_f16_bits,
     log_pos_f64,
+    max_i16,
 )
 from engine.kernels.cpu import FASTMATH
 
@@ -137,3 +140,44 @@ def test_log_is_accurate_including_just_above_one():
     out = np.empty_like(special)
     _map_log(special, out)
     assert np.isnan(out[0]) and out[1] == 0.0
+
+
+@njit
+def _keys(bits, keys, back):
+    for i in range(bits.shape[0]):
+        keys[i] = f16_order_key(bits[i])
+        back[i] = f16_key_to_f32(keys[i])
+
+
+@njit
+def _max_of_keys(keys):
+    m = np.int16(-32768)
+    for i in range(keys.shape[0]):
+        m = max_i16(keys[i], m)
+    return m
+
+
+def test_float16_order_keys_sort_like_the_values():
+    """float16 rows take their max on int16 keys: every bit pattern's key must order like
+    its value and convert back exactly; NaN keys lie past -inf and +inf."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    keys = np.empty(bits.shape, np.int16)
+    back = np.empty(bits.shape, np.float32)
+    _keys(bits, keys, back)
+    values = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(back[~nan], values[~nan])
+    assert np.isnan(back[nan]).all()
+    order = np.argsort(keys[~nan], kind="stable")
+    assert (np.diff(values[~nan][order]) >= 0).all()
+    finite_keys = keys[~nan]
+    assert (keys[nan & (bits < 0x8000)] > finite_keys.max()).all()
+    assert (keys[nan & (bits >= 0x8000)] < finite_keys.min()).all()
+    sample = np.random.default_rng(0).choice(bits[~nan], 1000)
+    top = _max_of_keys(keys[sample.astype(np.int64)])
+    assert _key_back(top) == values[sample.astype(np.int64)].max()
+
+
+@njit
+def _key_back(k):
+    return f16_key_to_f32(k)

@@ -274,6 +274,46 @@ def _f32_to_half_bits(typingctx, x):
     return types.uint16(x), codegen
 
 
+_I16 = ir.IntType(16)
+
+
+@intrinsic
+def f16_order_key(typingctx, h):
+    """IEEE half bits -> an int16 that orders like the value (negatives' magnitude bits
+    flipped), so a row's max runs on 32-lane integer maxima without converting. NaN keys
+    lie past +-inf: a positive NaN wins the max (the row is special), a negative one loses
+    it (the row's exp sum still turns NaN)."""
+    if not (isinstance(h, types.Integer) and h.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        sign = builder.ashr(v, ir.Constant(_I16, 15))
+        return builder.xor(v, builder.and_(sign, ir.Constant(_I16, 0x7FFF)))
+
+    return types.int16(h), codegen
+
+
+@intrinsic
+def max_i16(typingctx, a, b):
+    """max of two int16 keys, kept in 16 bits (Numba widens int16 arithmetic to int64)."""
+    if not (a == b == types.int16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_I16, [_I16, _I16])
+        fn = builder.module.declare_intrinsic("llvm.smax", [_I16], fnty)
+        return builder.call(fn, args)
+
+    return types.int16(a, b), codegen
+
+
+@njit(**_STRICT)
+def f16_key_to_f32(k):
+    """Inverse of f16_order_key, widened to float32."""
+    return _half_bits_to_f32(np.uint16(f16_order_key(np.int16(k)) & 0xFFFF))
+
+
 @njit(**_STRICT)
 def f16_bits_to_f32(h):
     """IEEE half (as uint16 bits) -> float32, exact (a hardware conversion that vectorises)."""
