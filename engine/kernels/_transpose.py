@@ -27,6 +27,8 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
 _VF32 = ir.VectorType(_F32, LANES)
+# what transpose16 reads: float32, and float16 / bfloat16 as uint16 / int16 bits
+STORAGE = (types.float32, types.uint16, types.int16)
 
 
 def _butterfly_masks(d):
@@ -56,7 +58,7 @@ def transpose16(typingctx, x, row, col, ncols, buf, lane):
     x: 2-D float32, or uint16 / int16 bits of float16 / bfloat16, with unit class stride;
     buf: 2-D float32, C-contiguous; ncols <= 16. No bounds checks (see the module doc).
     """
-    if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype in _STORAGE):
+    if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype in STORAGE):
         return None
     if not (isinstance(buf, types.Array) and buf.ndim == 2 and buf.dtype == types.float32):
         return None
@@ -102,6 +104,3 @@ def transpose16(typingctx, x, row, col, ncols, buf, lane):
         return context.get_dummy_value()
 
     return types.none(x, row, col, ncols, buf, lane), codegen
-
-
-_STORAGE = (types.float32, types.uint16, types.int16)

@@ -31,7 +31,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, SUM_ROWS, Problem
-from engine.kernels._transpose import LANES, transpose16
+from engine.kernels._transpose import LANES, STORAGE, transpose16
 from engine.kernels._vecmath import (
     bf16_bits_to_f32,
     exp_nonpos_f32,
@@ -694,7 +694,7 @@ def _transpose_tile(x, r0, count, buf):
     """buf[:C, :TILE] = x[r0 : r0 + TILE].T in registers (engine/kernels/_transpose.py);
     False where the caller must copy element by element: float64 logits, a strided class
     axis, a short tile, or rows too close to the array's end for 16-wide reads."""
-    if x.dtype not in (types.float32, types.uint16, types.int16):
+    if x.dtype not in STORAGE:
         return lambda x, r0, count, buf: False
 
     def vector(x, r0, count, buf):
