@@ -278,40 +278,55 @@ _I16 = ir.IntType(16)
 
 
 @intrinsic
-def f16_order_key(typingctx, h):
-    """IEEE half bits -> an int16 that orders like the value (negatives' magnitude bits
-    flipped), so a row's max runs on 32-lane integer maxima without converting. NaN keys
-    lie past +-inf: a positive NaN wins the max (the row is special), a negative one loses
-    it (the row's exp sum still turns NaN)."""
+def f16_bits_as_i16(typingctx, h):
+    """IEEE half bits reinterpreted as int16 (no instruction): non-negative values order
+    like their values; negative ones in reverse (their magnitude grows with the int)."""
     if not (isinstance(h, types.Integer) and h.bitwidth == 16):
         return None
 
     def codegen(context, builder, sig, args):
-        v = args[0]
-        sign = builder.ashr(v, ir.Constant(_I16, 15))
-        return builder.xor(v, builder.and_(sign, ir.Constant(_I16, 0x7FFF)))
+        return args[0]
 
     return types.int16(h), codegen
 
 
-@intrinsic
-def max_i16(typingctx, a, b):
-    """max of two int16 keys, kept in 16 bits (Numba widens int16 arithmetic to int64)."""
+def _i16_minmax(a, b, name):
     if not (a == b == types.int16):
         return None
 
     def codegen(context, builder, sig, args):
         fnty = ir.FunctionType(_I16, [_I16, _I16])
-        fn = builder.module.declare_intrinsic("llvm.smax", [_I16], fnty)
+        fn = builder.module.declare_intrinsic(name, [_I16], fnty)
         return builder.call(fn, args)
 
     return types.int16(a, b), codegen
 
 
+@intrinsic
+def max_i16(typingctx, a, b):
+    """max of two int16, kept in 16 bits (Numba widens int16 arithmetic to int64)."""
+    return _i16_minmax(a, b, "llvm.smax")
+
+
+@intrinsic
+def min_i16(typingctx, a, b):
+    """min of two int16, kept in 16 bits."""
+    return _i16_minmax(a, b, "llvm.smin")
+
+
 @njit(**_STRICT)
-def f16_key_to_f32(k):
-    """Inverse of f16_order_key, widened to float32."""
-    return _half_bits_to_f32(np.uint16(f16_order_key(np.int16(k)) & 0xFFFF))
+def f16_max_from_int_extremes(hi, lo):
+    """The max of a float16 row, from the largest (hi) and smallest (lo) of its bit
+    patterns read as int16 (f16_bits_as_i16), so the row's max costs one integer max
+    and one min per 32 lanes and no conversion.
+
+    hi >= 0: some value is non-negative, and hi is the largest of those. Otherwise every
+    value is negative, and the smallest int (least magnitude) is the largest value.
+    A positive NaN wins as hi (the row is special); a negative one never does unless the
+    whole row is NaN, and the row's exp sum still turns NaN.
+    """
+    k = hi if hi >= np.int16(0) else lo
+    return _half_bits_to_f32(np.uint16(np.int64(k) & 0xFFFF))
 
 
 @njit(**_STRICT)

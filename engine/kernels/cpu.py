@@ -35,15 +35,16 @@ from engine.kernels._transpose import LANES, STORAGE, transpose16
 from engine.kernels._vecmath import (
     bf16_bits_to_f32,
     exp_nonpos_f32,
+    f16_bits_as_i16,
     f16_bits_to_f32,
-    f16_key_to_f32,
-    f16_order_key,
+    f16_max_from_int_extremes,
     f32_to_bf16_bits,
     f32_to_f16_bits,
     log_pos_f64,
     max_i16,
     max_nan_unspecified,
     max_skip_nan,
+    min_i16,
 )
 from engine.options import KIND_LOG_PROBS, KIND_LOGITS, KIND_PROBS
 
@@ -111,27 +112,35 @@ def max_end(m, w):  # pragma: no cover
     raise NotImplementedError
 
 
-# A row's max beside another loop's work (see _max_and_sumexp): float16 rows compare
-# int16 order keys, 32 lanes a vector and no conversion; other storages widen and use
-# max_nan_unspecified.
+# A row's max beside another loop's work (see _max_and_sumexp): float16 rows keep the
+# largest and smallest of their bit patterns read as int16 (32 lanes a vector, no
+# conversion; f16_max_from_int_extremes turns the two into the max). That is 2 integer
+# operations per 32 logits instead of 4 for sign-flipped order keys, and LLVM then
+# interleaves the row loop 2x instead of 4x without spilling: forward C = 64 +46%,
+# C = 128 +30%. Other storages widen and use max_nan_unspecified.
 @overload(max_start)
 def _max_start(row, w):
     if row.dtype == types.uint16:
-        return lambda row, w: np.int16(-32768)
+        return lambda row, w: (np.int16(-32768), np.int16(32767))
     return lambda row, w: as_t(-np.inf, w)
 
 
 @overload(max_step)
 def _max_step(v, m):
     if v == types.uint16:
-        return lambda v, m: max_i16(f16_order_key(v), m)
+
+        def step(v, m):
+            k = f16_bits_as_i16(v)
+            return max_i16(k, m[0]), min_i16(k, m[1])
+
+        return step
     return lambda v, m: max_nan_unspecified(widen(v), m)
 
 
 @overload(max_end)
 def _max_end(m, w):
-    if m == types.int16:
-        return lambda m, w: f16_key_to_f32(m)
+    if isinstance(m, types.UniTuple):
+        return lambda m, w: f16_max_from_int_extremes(m[0], m[1])
     return lambda m, w: m
 
 
