@@ -855,9 +855,16 @@ def _max_and_sumexp(nxt, cur, bm, w, masked_tail):
     remainder scalar, which for 16-bit rows (a conversion and an exp per element) made
     C = 127 take 3x as long as C = 128. Only there: float32 rows measured 26% slower with
     it at C = 129, and tail code in the same function slowed rows without a tail 8-25%.
+
+    The ones/rest split of _block_sumexp costs one fewer operation per vector here: the
+    loop sums every exp (``total``) and the exps below 1 (``rest``), and ones is the
+    integer total - rest. Rounded to the nearest integer that is exact: at most BLOCK
+    terms of at most 1 each leave total's error far below 0.5. Same bits as the split,
+    forward float32 C = 64-128 +5-10%. (The storing twin keeps the split: this form
+    measured 5% slower there.)
     """
     m = max_start(nxt, w)
-    ones = as_t(0.0, w)
+    total = as_t(0.0, w)
     rest = as_t(0.0, w)
     one = as_t(1.0, w)
     zero = as_t(0.0, w)
@@ -866,9 +873,8 @@ def _max_and_sumexp(nxt, cur, bm, w, masked_tail):
     for j in range(body):
         m = max_step(nxt[j], m)
         e = vexp(widen(cur[j]) - bm)
-        big = e >= one
-        ones += one if big else zero
-        rest += zero if big else e
+        total += e
+        rest += e if e < one else zero
     if masked_tail:
         tn = nxt[body:]
         tc = cur[body:]
@@ -876,9 +882,9 @@ def _max_and_sumexp(nxt, cur, bm, w, masked_tail):
             inside = k < tc.shape[0]
             m = max_step(tn[k], m) if inside else m
             e = vexp(widen(tc[k]) - bm) if inside else zero
-            big = e >= one
-            ones += one if big else zero
-            rest += zero if big else e
+            total += e
+            rest += e if e < one else zero
+    ones = as_t(np.rint(total - rest), w)  # NaN stays NaN: a NaN exp is in total only
     return max_end(m, w), ones, rest
 
 
