@@ -237,7 +237,7 @@ def _block_sumexp_below(row, lo, hi, M, w, store):
     sum loses nothing; the loop is 2 operations shorter than _block_sumexp's (measured
     +20% forward at C = 32000, +30% at 262144 over the split version). Whether z reaches
     M comes from the block's max (one operation per vector, where counting z >= M took
-    two: forward float16 C = 32000-128256 +9-12%, float32 +6%). That max may drop a
+    two: forward float16 C = 32000-262144 +8-12%, float32 +3-6%). That max may drop a
     NaN, but a NaN already makes the sum NaN.
     """
     rest = as_t(0.0, w)
@@ -857,12 +857,12 @@ def _max_and_sumexp(nxt, cur, bm, w, masked_tail):
     C = 127 take 3x as long as C = 128. Only there: float32 rows measured 26% slower with
     it at C = 129, and tail code in the same function slowed rows without a tail 8-25%.
 
-    The ones/rest split of _block_sumexp costs one fewer operation per vector here: the
-    loop sums every exp (``total``) and the exps below 1 (``rest``), and ones is the
-    integer total - rest. Rounded to the nearest integer that is exact: at most BLOCK
-    terms of at most 1 each leave total's error far below 0.5. Same bits as the split,
-    forward float32 C = 64-128 +5-10%. (The storing twin keeps the split: this form
-    measured 5% slower there.)
+    The exact-1 split of _block_sumexp takes one operation fewer per vector here: the
+    loop sums every exp (``total``) and the exps below 1 (``rest``), and ones is
+    total - rest rounded to an integer, which is exact: at most BLOCK terms of at most 1
+    each leave total's error far below 0.5. Same bits as the split, forward float32
+    C = 64-128 +5-10%. (The storing twin keeps the split: this form measured 5% slower
+    there.)
     """
     m = max_start(nxt, w)
     total = as_t(0.0, w)
