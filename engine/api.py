@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from engine import dtypes, scratch
+from engine.errors import TargetOutOfRange
 from engine.kernels import (
     STORAGE_BF16_BITS,
     STORAGE_F16_BITS,
@@ -69,14 +70,6 @@ def backend(device: str):
     else:
         from engine.kernels import cpu as module
     return module
-
-
-class TargetOutOfRange(IndexError):
-    """A class index outside [0, C) that is not the ignore index (PyTorch's wording)."""
-
-    def __init__(self, value: int, row: int, classes: int):
-        self.value, self.row, self.classes = value, row, classes
-        super().__init__(f"Target {value} is out of bounds (row {row}).")
 
 
 @dataclass

@@ -1,10 +1,29 @@
-"""One exception type for errors a user can cause with their data or options."""
+"""Errors a user can cause, as their own types; anything else that escapes is a bug.
+
+The CLI prints a user error as one line ``Error: <message>`` with status 2. Every other
+exception (a ``ValueError`` from deep inside numpy included) is shown as an internal error
+with status 1. So an error meant for the user must be raised on purpose as one of these
+types. They subclass the builtin PyTorch would raise (``ValueError``, ``TypeError``,
+``IndexError``) so that Python callers catching those keep working (SPEC §3).
+"""
 
 from __future__ import annotations
 
 
-class XentInputError(ValueError):
-    """Bad input: carries the file and (where known) the row, for one clear CLI line.
+class XentError(Exception):
+    """Base of every error a user can cause with their data, options or arguments."""
+
+
+class XentUsageError(XentError, ValueError):
+    """An option or argument value the engine does not accept."""
+
+
+class XentTypeError(XentError, TypeError):
+    """An argument of the wrong type (an array of the wrong dtype or dimensionality)."""
+
+
+class XentInputError(XentError, ValueError):
+    """Bad input data: carries the file and (where known) the row, for one clear CLI line.
 
     ``str(err)`` is ``"<file>: <what>, row <n>"``; the CLI prints ``Error: `` + that.
     """
@@ -27,3 +46,11 @@ class XentInputError(ValueError):
         """The same error with a file name and the row shifted into file coordinates."""
         row = None if self.row is None else self.row + row_offset
         return XentInputError(self.what, file=file or self.file, row=row)
+
+
+class TargetOutOfRange(XentError, IndexError):
+    """A class index outside [0, C) that is not the ignore index (PyTorch's wording)."""
+
+    def __init__(self, value: int, row: int, classes: int):
+        self.value, self.row, self.classes = value, row, classes
+        super().__init__(f"Target {value} is out of bounds (row {row}).")
