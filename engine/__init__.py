@@ -11,13 +11,13 @@ __all__ = [
     "row_stats",
 ]
 
-# evaluate / score / gradients live in the streaming layer (engine.stream); imported lazily
+# evaluate / score / gradients (the dataset jobs, engine.jobs) are imported on first use,
 # so that `import engine` stays cheap for in-memory use.
 
 
 def __getattr__(name):
     if name in ("evaluate", "score", "gradients", "Report"):
-        from engine import stream
+        from engine import jobs
 
-        return getattr(stream, name)
+        return getattr(jobs, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

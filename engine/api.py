@@ -194,7 +194,7 @@ def reduce_loss(ce_sum: float, z_sum: float, targets_weight: float, counted: int
     return float(value)
 
 
-def _split_z(loss_rows, lse, targets, opts):
+def split_z(loss_rows, lse, targets, opts):
     """Per-row totals -> (cross-entropy sum, z-loss sum) in float64."""
     total = float(np.sum(loss_rows, dtype=np.float64))
     if opts.z_loss == 0.0:
@@ -210,7 +210,7 @@ def _finish(loss_rows, lse, targets, opts, bufs):
     if "sums" in bufs:  # the backend summed each block of rows: 1/64 of the rows to read
         ce_sum, z_sum = float(np.sum(bufs["sums"])), 0.0
     else:
-        ce_sum, z_sum = _split_z(loss_rows, lse, targets, opts)
+        ce_sum, z_sum = split_z(loss_rows, lse, targets, opts)
     return reduce_loss(ce_sum, z_sum, targets.weight_sum, targets.counted_rows, opts.reduction)
 
 

@@ -1,4 +1,4 @@
-"""Mergeable float64 accumulators for SPEC §5 metrics (create / add / merge / finalize).
+"""Mergeable float64 accumulators of evaluation metrics (create / add / merge / finalize).
 
 Every quantity is a sum or a count, so partial results from chunks, threads, files or Dask
 workers merge exactly (up to float64 rounding) and the result never depends on chunking.
@@ -7,7 +7,7 @@ workers merge exactly (up to float64 rounding) and the result never depends on c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -29,6 +29,10 @@ class MetricSums:
     nll_sum: float = 0.0  # Σ -log p(target), no smoothing, no weights
     entropy_sum: float = 0.0
     kl_sum: float = 0.0
+    # Σ x² of the same per-row values: standard errors of the means (sample variance)
+    nll_sq_sum: float = 0.0
+    entropy_sq_sum: float = 0.0
+    kl_sq_sum: float = 0.0
     hits: dict = field(default_factory=dict)  # k -> rows whose target ranks < k
     ece_count: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS, np.int64))
     ece_conf: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
@@ -58,10 +62,16 @@ class MetricSums:
         self.ce_sum += float(np.sum(loss)) - z
         self.z_sum += z
         self.weight_sum += float(np.sum(row_weight[counted], dtype=np.float64))
-        self.nll_sum -= float(np.sum(stats["target_logprob"][counted], dtype=np.float64))
-        self.entropy_sum += float(np.sum(stats["entropy"][counted], dtype=np.float64))
+        nll = -stats["target_logprob"][counted].astype(np.float64)
+        entropy = stats["entropy"][counted].astype(np.float64)
+        self.nll_sum += float(np.sum(nll))
+        self.nll_sq_sum += float(np.dot(nll, nll))
+        self.entropy_sum += float(np.sum(entropy))
+        self.entropy_sq_sum += float(np.dot(entropy, entropy))
         if soft:
-            self.kl_sum += float(np.sum(stats["kl"][counted], dtype=np.float64))
+            kl = stats["kl"][counted].astype(np.float64)
+            self.kl_sum += float(np.sum(kl))
+            self.kl_sq_sum += float(np.dot(kl, kl))
         rank = stats["target_rank"][counted]
         for k in set(self.top_k) | {1}:
             self.hits[k] = self.hits.get(k, 0) + int(np.count_nonzero(rank < k))
@@ -85,6 +95,9 @@ class MetricSums:
             "nll_sum",
             "entropy_sum",
             "kl_sum",
+            "nll_sq_sum",
+            "entropy_sq_sum",
+            "kl_sq_sum",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.hits.items():
@@ -105,6 +118,16 @@ class MetricSums:
                 if z_loss:
                     loss = loss + (self.z_sum / c if c else math.nan)
         nll = self.nll_sum / c if c else math.nan
+        se_nll = standard_error(self.nll_sum, self.nll_sq_sum, c)
+        top_k = sorted(k for k in set(self.top_k) if k > 1)
+        se = {
+            "nll": se_nll,
+            "accuracy": _bernoulli_se(self.hits.get(1, 0), c),
+            "top_k_accuracy": {str(k): _bernoulli_se(self.hits.get(k, 0), c) for k in top_k},
+            "entropy": standard_error(self.entropy_sum, self.entropy_sq_sum, c),
+        }
+        if soft:
+            se["kl"] = standard_error(self.kl_sum, self.kl_sq_sum, c)
         out = {
             "rows": self.rows,
             "counted": c,
@@ -123,12 +146,48 @@ class MetricSums:
             },
             "entropy": self.entropy_sum / c if c else math.nan,
             "ece": self.ece(),
+            "se": se,
+            "perplexity_ci95": (
+                [_safe_exp(nll - 1.96 * se_nll), _safe_exp(nll + 1.96 * se_nll)]
+                if math.isfinite(se_nll) and math.isfinite(nll)
+                else None
+            ),
         }
         if soft:
             out["kl"] = self.kl_sum / c if c else math.nan
         if z_loss:
             out["z_loss"] = self.z_sum / c if c else math.nan
         return out
+
+    def to_dict(self) -> dict:
+        """Plain JSON data (exact: floats as Python floats), for `from_dict`."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            elif f.name == "hits":
+                v = {str(k): int(n) for k, n in v.items()}
+            elif f.name == "top_k":
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MetricSums:
+        sums = cls(top_k=tuple(data["top_k"]))
+        for f in fields(cls):
+            if f.name == "top_k" or f.name not in data:
+                continue
+            v = data[f.name]
+            if f.name == "hits":
+                v = {int(k): int(n) for k, n in v.items()}
+            elif f.name == "ece_count":
+                v = np.asarray(v, np.int64)
+            elif f.name.startswith("ece_"):
+                v = np.asarray(v, np.float64)
+            setattr(sums, f.name, v)
+        return sums
 
     def ece(self) -> float:
         total = int(self.ece_count.sum())
@@ -137,6 +196,19 @@ class MetricSums:
         nonempty = self.ece_count > 0
         gap = np.abs(self.ece_correct[nonempty] - self.ece_conf[nonempty])
         return float(np.sum(gap) / total)
+
+
+def standard_error(total: float, squares: float, n: int) -> float:
+    """Standard error of a mean from Σx and Σx² (sample variance, n - 1); NaN below 2."""
+    if n < 2:
+        return math.nan
+    variance = max(0.0, (squares - total * total / n) / (n - 1))
+    return math.sqrt(variance / n)
+
+
+def _bernoulli_se(hits: int, n: int) -> float:
+    """`standard_error` of a 0/1 value (Σx² = Σx = hits)."""
+    return standard_error(float(hits), float(hits), n)
 
 
 def _safe_exp(x: float) -> float:
@@ -176,6 +248,21 @@ class MetricState:
         if key not in self.groups:
             self.groups[key] = MetricSums(top_k=self.top_k)
         return self.groups[key]
+
+    def to_dict(self) -> dict:
+        return {
+            "top_k": list(self.top_k),
+            "total": self.total.to_dict(),
+            "groups": {str(k): v.to_dict() for k, v in self.groups.items()},
+            "logit_bytes": int(self.logit_bytes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MetricState:
+        state = cls(top_k=tuple(data["top_k"]), total=MetricSums.from_dict(data["total"]))
+        state.groups = {k: MetricSums.from_dict(v) for k, v in data["groups"].items()}
+        state.logit_bytes = int(data["logit_bytes"])
+        return state
 
     def merge(self, other: MetricState) -> MetricState:
         self.total.merge(other.total)

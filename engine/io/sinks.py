@@ -316,22 +316,39 @@ class PartsWriter:
     def part_path(self, index: int) -> str:
         return os.path.join(self.directory, f"part-{int(index):05d}{self.suffix}")
 
-    def write_part(self, index: int, table: pa.Table, *, first_row: int | None = None) -> str:
+    def write_part(
+        self,
+        index: int,
+        table: pa.Table,
+        *,
+        first_row: int | None = None,
+        metrics: dict | None = None,
+    ) -> str:
         """Write part `index` (temp + rename) and record it in the manifest."""
         path = self.part_path(index)
         write_part_file(path, table)
-        self.record(index, table.num_rows, first_row)
+        self.record(index, table.num_rows, first_row, metrics=metrics)
         return path
 
-    def record(self, index: int, rows: int, first_row: int | None = None) -> None:
-        """Record a part written elsewhere (a Dask worker) as finished."""
+    def record(
+        self, index: int, rows: int, first_row: int | None = None, *, metrics: dict | None = None
+    ) -> None:
+        """Record a part written elsewhere (a Dask worker) as finished. ``metrics`` (plain
+        JSON data: the part's metric sums) lets a resumed job report the whole output."""
+        entry = {
+            "file": os.path.basename(self.part_path(index)),
+            "rows": int(rows),
+            "first_row": None if first_row is None else int(first_row),
+        }
+        if metrics is not None:
+            entry["metrics"] = metrics
         with self._lock:
-            self.manifest["parts"][str(int(index))] = {
-                "file": os.path.basename(self.part_path(index)),
-                "rows": int(rows),
-                "first_row": None if first_row is None else int(first_row),
-            }
+            self.manifest["parts"][str(int(index))] = entry
             self._save()
+
+    def part_metrics(self, index: int) -> dict | None:
+        """The metric sums recorded with a finished part (None if none were)."""
+        return self.manifest["parts"].get(str(int(index)), {}).get("metrics")
 
     def completed(self) -> dict[int, int]:
         """index -> rows of the parts the manifest lists whose file is present."""

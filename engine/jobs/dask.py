@@ -1,17 +1,18 @@
-"""The streaming jobs on Dask distributed: one task per fragment, exact merge on the client.
+"""The Dask distributed runner: one task per fragment, exact merge on the client.
 
-`engine.stream.evaluate/score/gradients` call here when given ``dask=ADDRESS``. The
-client opens the source (footers only), splits it into fragments (a file, or a run of
-Parquet row groups of bounded size, `Source.fragments`) and submits one task per
-fragment. A task runs the single-machine per-chunk code (`stream.eval_chunk`,
-`stream.grad_chunk`) over `open_fragment(...).iter_chunks()` and returns its partial
-`MetricState` (float64 sums and counts); the client merges them in fragment order, so the
-report equals a local run's up to float64 rounding (SPEC §5, §7).
+`engine.evaluate/score/gradients` come here when given ``dask=ADDRESS``. The client
+opens the source (footers only), splits it into fragments (a file, or a run of Parquet
+row groups of bounded size, `Source.fragments`) and submits one task per fragment. A task
+runs the same per-chunk code as the local runner (`engine.jobs.chunks`) over
+`open_fragment(...).iter_chunks()` and returns its partial sums (`MetricState`,
+`GradSums`); the client merges them in fragment order, so the report equals a local run's
+up to float64 rounding, whatever the number of workers.
 
 `score` and `gradients` write one part per task, ``part-<fragment>.parquet``, through a
 temporary name (a retried task replaces its part, never duplicates it); the client
-records each finished part in ``_manifest.json`` (`sinks.PartsWriter`), so a resumed
-score job skips the fragments already done.
+records each finished part, with its metric sums, in ``_manifest.json``
+(`sinks.PartsWriter`), so a resumed score job skips the fragments already done and still
+reports the whole output.
 
 Addresses: ``local:N`` starts a LocalCluster of N worker processes for the job;
 ``tcp://HOST:PORT`` (any Dask scheme, or a bare ``HOST:PORT``) connects to a running
@@ -25,21 +26,32 @@ default: sized from the data and the cluster).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
-from engine import api, stream
+from engine import api
+from engine.atomic import is_temp_name
 from engine.errors import XentInputError
-from engine.io import sinks
-from engine.io.sources import Fragment, Source, open_fragment
+from engine.io import Fragment, Source, open_fragment, sinks
+from engine.jobs.chunks import (
+    GradSums,
+    empty_stats,
+    eval_chunk,
+    global_denominators,
+    probability_warning,
+    write_gradients,
+)
+from engine.jobs.cluster import connect, env_number, host_threads, parse_address
+from engine.jobs.finish import Report, gradients_report, metrics_report
+from engine.jobs.local import merge_parts, recorded_metrics
+from engine.jobs.spec import JobSpec, for_source, open_job_source
 from engine.metrics import MetricState
 from engine.progress import make_progress
+from engine.threads import cpu_count, set_threads
 
 #: Extra attempts of a task that raised (a worker that dies is handled by the scheduler,
 #: which reschedules its tasks on the others).
@@ -49,11 +61,6 @@ RETRIES = 2
 TASKS_PER_THREAD = 4
 MIN_FRAGMENT_BYTES = 16 * 2**20
 MAX_FRAGMENT_BYTES = 256 * 2**20
-DEFAULT_TIMEOUT_S = 10.0
-
-_LOCAL = re.compile(r"^local:(\d+)$")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
-_HOST_PORT = re.compile(r"^[^\s:/]+:\d+$")
 
 
 # --------------------------------------------------------------------------------------
@@ -66,7 +73,7 @@ class _Job:
     """Everything a task needs besides its fragment (plain data, pickled per task)."""
 
     kind: str  # "eval" | "score" | "grad"
-    spec: stream.JobSpec
+    spec: JobSpec
     classes: int
     soft: bool
     logits: str
@@ -90,11 +97,9 @@ class _Result:
     index: int
     rows: int = 0
     nbytes: int = 0
-    state: MetricState | None = None
+    state: MetricState | None = None  # eval, score
     warning: str | None = None
-    ce_sum: float = 0.0
-    z_sum: float = 0.0
-    counted: int = 0
+    grad: GradSums | None = None  # grad
     error: tuple | None = None  # (what, file, row) of an XentInputError
 
 
@@ -118,7 +123,7 @@ def _task(job: _Job, index: int, fragment: Fragment, part_path: str | None) -> _
         return _Result(index, error=(e.what, e.file, e.row))
 
 
-def _chunks(src: Source, spec: stream.JobSpec, fragment: Fragment):
+def _chunks(src: Source, spec: JobSpec, fragment: Fragment):
     """The fragment's chunks; read on this thread when it is one chunk (nothing to overlap,
     and starting reader threads would cost more than the read of a small fragment)."""
     chunk_rows = spec.chunk_rows or src.default_chunk_rows()
@@ -134,13 +139,13 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
     try:
         for chunk in _chunks(src, spec, fragment):
             if index == job.warn_index and warning is None and state.total.rows == 0:
-                warning = stream._probability_warning(chunk, spec)  # as stream.evaluate
-            stats = stream.eval_chunk(chunk, spec, job.classes, state, kernels)
+                warning = probability_warning(chunk, spec)  # as the local runner
+            stats = eval_chunk(chunk, spec, job.classes, state, kernels)
             if sink is not None:
                 sink.write(sinks.score_table(stats, chunk.keep, job.soft))
         if sink is not None:
             if sink.rows == 0:
-                empty = sinks.score_table(stream._empty_stats(job.soft), _empty_keep(job), job.soft)
+                empty = sinks.score_table(empty_stats(job.soft), _empty_keep(job), job.soft)
                 sink.write(empty)
             sink.commit()
     finally:
@@ -153,7 +158,7 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
 
 def _grad_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragment) -> _Result:
     with sinks.Sink(part_path, overwrite=True) as sink:
-        sums = stream.write_gradients(
+        sums = write_gradients(
             _chunks(src, job.spec, fragment),
             sink,
             job.spec,
@@ -164,14 +169,7 @@ def _grad_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
             job.grad_dtype,
             empty_keep=_empty_keep(job),
         )
-    return _Result(
-        index,
-        rows=sums.rows,
-        nbytes=sums.nbytes,
-        ce_sum=float(sums.ce_sum),
-        z_sum=sums.z_sum,
-        counted=sums.counted,
-    )
+    return _Result(index, rows=sums.rows, nbytes=sums.nbytes, grad=sums)
 
 
 def _empty_keep(job: _Job) -> pa.Table | None:
@@ -180,18 +178,9 @@ def _empty_keep(job: _Job) -> pa.Table | None:
     return job.keep_schema.empty_table()
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _set_task_threads(job: _Job) -> None:
     """Numba threads for this task: as asked, else this host's cores over the Dask worker
     threads running there (so N workers x T threads do not oversubscribe the cores)."""
-    import numba
-
     n = job.threads
     if n is None:
         busy = 1
@@ -203,112 +192,8 @@ def _set_task_threads(job: _Job) -> None:
             busy = job.host_threads.get(get_address_host(worker.address)) or worker.state.nthreads
         except (ImportError, ValueError):
             pass
-        n = _cpu_count() // max(1, busy)
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-
-
-# --------------------------------------------------------------------------------------
-# Connecting
-# --------------------------------------------------------------------------------------
-
-
-def _import_distributed():
-    try:
-        import distributed
-    except ImportError:
-        raise XentInputError(
-            "--dask needs Dask distributed, which is not installed: pip install 'xent[dask]'"
-        ) from None
-    return distributed
-
-
-def _env_number(name: str, default, cast=float):
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        value = cast(text)
-    except ValueError:
-        raise XentInputError(f"{name}={text!r} is not a number") from None
-    if value <= 0:
-        raise XentInputError(f"{name}={text!r} must be > 0")
-    return value
-
-
-def parse_address(address) -> tuple[str, object]:
-    """("local", N) or ("remote", address); anything else raises XentInputError."""
-    text = str(address).strip()
-    m = _LOCAL.match(text)
-    if m:
-        n = int(m.group(1))
-        if n < 1:
-            raise XentInputError("local:N needs N >= 1 workers", file=text)
-        return "local", n
-    if _URL.match(text) or _HOST_PORT.match(text):
-        return "remote", text
-    raise XentInputError(
-        "not a Dask address (use tcp://HOST:PORT for a scheduler, or local:N)", file=text
-    )
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-@contextlib.contextmanager
-def connect(address):
-    """A Dask Client for `address` (a LocalCluster for ``local:N``, closed afterwards)."""
-    kind, value = parse_address(address)
-    distributed = _import_distributed()
-    timeout = _env_number("XENT_DASK_TIMEOUT", DEFAULT_TIMEOUT_S)
-    cluster = None
-    try:
-        if kind == "local":
-            threads = _env_number("XENT_DASK_THREADS", 1, int)
-            cluster = distributed.LocalCluster(
-                n_workers=value,
-                threads_per_worker=threads,
-                processes=True,
-                dashboard_address=":0",  # a free port, never a clash
-                silence_logs=logging.ERROR,
-            )
-            client = distributed.Client(cluster, set_as_default=False)
-        else:
-            scheme = value.split("://", 1)[0] if "://" in value else "tcp"
-            if scheme not in ("tcp", "tls", "ucx", "inproc", "ws", "wss"):
-                # checked before Client(): a half-built Client hangs at exit in __del__
-                raise XentInputError(f"unknown Dask address scheme '{scheme}://'", file=value)
-            try:
-                client = distributed.Client(value, timeout=timeout, set_as_default=False)
-            except Exception as e:  # refused, timed out, unresolvable host, bad scheme
-                raise XentInputError(
-                    f"cannot reach the Dask scheduler ({_one_line(e)})", file=value
-                ) from None
-        try:
-            try:
-                client.wait_for_workers(1, timeout=3 * timeout)
-            except Exception:
-                raise XentInputError(
-                    f"the Dask scheduler has no workers (waited {3 * timeout:g} s)",
-                    file=str(address),
-                ) from None
-            yield client
-        finally:
-            client.close()
-    finally:
-        if cluster is not None:
-            cluster.close()
-
-
-def _host_threads(client) -> dict:
-    out: dict = {}
-    from distributed.comm import get_address_host
-
-    for addr, info in client.scheduler_info(n_workers=-1)["workers"].items():
-        host = get_address_host(addr)
-        out[host] = out.get(host, 0) + int(info.get("nthreads", 1))
-    return out
+        n = cpu_count() // max(1, busy)
+    set_threads(max(1, int(n)), clamp=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -320,7 +205,7 @@ def fragment_rows(src: Source, total_threads: int, override=None) -> int:
     """Rows per fragment: given, from XENT_DASK_FRAGMENT_ROWS, or ~TASKS_PER_THREAD tasks per
     worker thread of MIN..MAX_FRAGMENT_BYTES logits each."""
     if override is None:
-        override = _env_number("XENT_DASK_FRAGMENT_ROWS", None, int)
+        override = env_number("XENT_DASK_FRAGMENT_ROWS", None, int)
     if override is not None:
         if int(override) < 1:
             raise ValueError("fragment_rows must be >= 1")
@@ -383,17 +268,17 @@ def _total_threads(client) -> int:
 
 
 def _thread_plan(client, threads) -> dict:
-    return {} if threads is not None else _host_threads(client)
+    return {} if threads is not None else host_threads(client)
 
 
 # --------------------------------------------------------------------------------------
-# Public jobs (called from engine.stream with dask=ADDRESS)
+# The jobs (called from engine.jobs with dask=ADDRESS)
 # --------------------------------------------------------------------------------------
 
 
 def evaluate(
     source,
-    spec: stream.JobSpec,
+    spec: JobSpec,
     *,
     logits="logits",
     target="target",
@@ -402,11 +287,11 @@ def evaluate(
     progress=False,
     fragment_rows: int | None = None,
     threads: int | None = None,
-) -> stream.Report:
-    """`stream.evaluate` on Dask: the same Report (metrics merged exactly)."""
-    src = stream._open(source, logits, target, group_by=group_by, opts=spec.opts)
+) -> Report:
+    """`engine.evaluate` on Dask: the same Report (metrics merged exactly)."""
+    src = open_job_source(source, spec, logits, target, group_by=group_by)
     read_dtype = spec.opts.logits_dtype
-    classes = stream._check_classes(src, spec)
+    spec, classes = for_source(src, spec)
     with connect(address) as client:
         frags = src.fragments(_fragment_rows(src, client, fragment_rows))
         frags, names = _absolute(frags)
@@ -441,14 +326,14 @@ def evaluate(
         state.merge(results[i].state)
     first = results.get(job.warn_index)  # only the first rows are checked, as locally
     warnings = [first.warning] if first is not None and first.warning else []
-    metrics = stream._finish_metrics(state, spec, classes, src.soft_targets, seconds)
-    return stream.Report(metrics, warnings)
+    metrics = metrics_report(state, spec, classes, src.soft_targets, seconds)
+    return Report(metrics, warnings)
 
 
 def score(
     source,
     output,
-    spec: stream.JobSpec,
+    spec: JobSpec,
     *,
     keep=(),
     overwrite=False,
@@ -459,12 +344,11 @@ def score(
     progress=False,
     fragment_rows: int | None = None,
     threads: int | None = None,
-) -> stream.Report:
-    """`stream.score` on Dask: `output` is a directory of parts plus ``_manifest.json``."""
-    keep = stream._as_tuple(keep)
-    src = stream._open(source, logits, target, keep=keep, opts=spec.opts)
+) -> Report:
+    """`engine.score` on Dask: `output` is a directory of parts plus ``_manifest.json``."""
+    src = open_job_source(source, spec, logits, target, keep=keep)
     read_dtype = spec.opts.logits_dtype
-    classes = stream._check_classes(src, spec)
+    spec, classes = for_source(src, spec)
     job = _Job(
         "score",
         spec,
@@ -478,20 +362,19 @@ def score(
         threads=threads,
     )
     parts: dict[int, _Result] = {}
-    seconds, _ = _write_parts(
+    seconds, _, recorded = _write_parts(
         src, output, job, address, overwrite, resume, progress, fragment_rows, parts
     )
-    state = MetricState(top_k=spec.top_k)
-    for i in sorted(parts):  # fragment order
-        state.merge(parts[i].state)
-    metrics = stream._finish_metrics(state, spec, classes, src.soft_targets, seconds)
-    return stream.Report(metrics, output=str(output))
+    states = {i: r.state for i, r in parts.items()} | recorded
+    state, warning = merge_parts(states, spec, directory=str(output))
+    metrics = metrics_report(state, spec, classes, src.soft_targets, seconds)
+    return Report(metrics, [warning] if warning else [], output=str(output))
 
 
 def gradients(
     source,
     output,
-    spec: stream.JobSpec,
+    spec: JobSpec,
     *,
     keep=(),
     overwrite=False,
@@ -503,15 +386,14 @@ def gradients(
     progress=False,
     fragment_rows: int | None = None,
     threads: int | None = None,
-) -> stream.Report:
-    """`stream.gradients` on Dask: `output` is a directory of ``grad`` parts."""
-    keep = stream._as_tuple(keep)
-    src = stream._open(source, logits, target, keep=keep, opts=spec.opts)
+) -> Report:
+    """`engine.gradients` on Dask: `output` is a directory of ``grad`` parts."""
+    src = open_job_source(source, spec, logits, target, keep=keep)
     read_dtype = spec.opts.logits_dtype
-    classes = stream._check_classes(src, spec)
+    spec, classes = for_source(src, spec)
     denominators = (None, None)
     if spec.opts.reduction == "mean":  # global: one pass over the target column, here
-        denominators = stream.global_denominators(src, spec, classes, spec.chunk_rows)
+        denominators = global_denominators(src, spec, classes)
     job = _Job(
         "grad",
         spec,
@@ -527,33 +409,15 @@ def gradients(
         denominators=denominators,
         threads=threads,
     )
-    sums = {"ce": 0.0, "z": 0.0, "rows": 0, "counted": 0, "bytes": 0}
     parts: dict[int, _Result] = {}
-    seconds, _ = _write_parts(
+    seconds, _, _ = _write_parts(
         src, output, job, address, overwrite, False, progress, fragment_rows, parts
     )
+    sums = GradSums()
     for i in sorted(parts):  # fragment order
-        r = parts[i]
-        sums["ce"] += r.ce_sum
-        sums["z"] += r.z_sum
-        sums["rows"] += r.rows
-        sums["counted"] += r.counted
-        sums["bytes"] += r.nbytes
-    wsum = denominators[0] if denominators[0] is not None else 0.0
-    reduction = stream._metric_reduction(spec.opts)
-    loss = api.reduce_loss(sums["ce"], sums["z"], wsum, sums["counted"], reduction)
-    rows = sums["rows"]
-    metrics = {
-        "rows": rows,
-        "counted": sums["counted"],
-        "ignored": rows - sums["counted"],
-        "classes": classes,
-        "loss": loss,
-        "seconds": seconds,
-        "rows_per_second": rows / seconds if seconds > 0 else None,
-        "gb_per_second": sums["bytes"] / seconds / 1e9 if seconds > 0 else None,
-    }
-    return stream.Report(metrics, output=str(output))
+        sums.merge(parts[i].grad)
+    metrics = gradients_report(sums, spec, classes, denominators, seconds)
+    return Report(metrics, output=str(output))
 
 
 def _keep_schema(src: Source, keep) -> pa.Schema | None:
@@ -568,8 +432,8 @@ def _fragment_rows(src: Source, client, override) -> int:
 
 def _write_parts(src, output, job, address, overwrite, resume, progress, frag_rows, results):
     """Run `job` writing one part per fragment into directory `output`, collecting each
-    task's result in `results` (index -> _Result); returns (seconds, total rows). Parts
-    the manifest lists are skipped when resuming."""
+    task's result in `results` (index -> _Result); returns (seconds, total rows, the
+    metric sums recorded with the parts a resumed job skipped)."""
     directory = os.path.abspath(os.fspath(output))
     suffix = ".arrow" if sinks.output_format(directory) == "arrow" else ".parquet"
     created = not os.path.exists(directory)
@@ -586,13 +450,15 @@ def _write_parts(src, output, job, address, overwrite, resume, progress, frag_ro
             frags, names = _absolute(src.fragments(rows))
             writer.manifest["fragment_rows"] = rows  # a resume must split the same way
             done = _check_resumable(writer, frags, directory) if resume else {}
+            recorded = {i: recorded_metrics(writer, i) for i in done}
             bar = make_progress(progress, src)
             for i in sorted(done):
                 bar.update(frags[i].rows, 0)
             items = [(i, f, writer.part_path(i)) for i, f in enumerate(frags) if i not in done]
 
             def finished(r: _Result) -> None:
-                writer.record(r.index, r.rows, frags[r.index].first_row)
+                metrics = r.state.to_dict() if r.state is not None else None
+                writer.record(r.index, r.rows, frags[r.index].first_row, metrics=metrics)
                 results[r.index] = r
                 bar.update(r.rows, r.nbytes)
 
@@ -610,7 +476,7 @@ def _write_parts(src, output, job, address, overwrite, resume, progress, frag_ro
     _remove_stale_temps(directory)
     total = sum(f.rows for f in frags)
     writer.finalize(src.num_rows if src.num_rows is not None else total)
-    return seconds, total
+    return seconds, total, recorded
 
 
 def _check_resumable(writer: sinks.PartsWriter, frags: list[Fragment], directory: str) -> dict:
@@ -631,7 +497,7 @@ def _check_resumable(writer: sinks.PartsWriter, frags: list[Fragment], directory
 def _remove_stale_temps(directory: str) -> None:
     """Temporary part files of attempts that died with their worker (every part is done)."""
     for name in os.listdir(directory):
-        if name.startswith(".part-") and ".tmp-" in name:
+        if name.startswith(".part-") and is_temp_name(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
 

@@ -284,3 +284,115 @@ def test_gradients_skip_nan_rows_keeps_the_rest_of_the_chunk(tmp_path, rng, suff
     grad = np.stack(table["grad"].to_numpy(zero_copy_only=False)).astype(np.float64)
     assert not grad[17].any()
     assert np.max(np.abs(grad[keep] - ref_grad)) <= 1e-6 * np.max(np.abs(ref_grad))
+
+
+def test_resumed_score_reports_the_whole_output(tmp_path, rng):
+    x, y = _data(rng, rows=400)
+    path = write_dataset(tmp_path / "d.parquet", x, y, row_group_rows=100)
+    timing = ("seconds", "rows_per_second", "gb_per_second")
+    full = engine.score(path, tmp_path / "full", chunk_rows=50, device="cpu")
+    part = tmp_path / "part"
+    engine.score(path, part, chunk_rows=50, device="cpu")
+    for index in range(3, 8):  # a crash after 3 parts
+        os.remove(part / f"part-{index:05d}.parquet")
+    resumed = engine.score(path, part, chunk_rows=50, device="cpu", resume=True)
+    whole = {k: v for k, v in full.to_dict().items() if k not in timing}
+    assert {k: v for k, v in resumed.to_dict().items() if k not in timing} == whole
+    assert resumed["rows"] == 400 and not resumed.warnings
+
+
+def test_resumed_parts_without_sums_are_named_in_a_warning(tmp_path, rng):
+    import json
+
+    x, y = _data(rng, rows=200)
+    path = write_dataset(tmp_path / "d.parquet", x, y)
+    out = tmp_path / "out"
+    engine.score(path, out, chunk_rows=50, device="cpu")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    for entry in manifest["parts"].values():
+        entry.pop("metrics")  # as an older xent wrote them
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    os.remove(out / "part-00003.parquet")
+    resumed = engine.score(path, out, chunk_rows=50, device="cpu", resume=True)
+    assert resumed["rows"] == 50
+    assert "3 resumed part(s)" in resumed.warnings[0]
+
+
+def test_standard_errors_and_perplexity_interval(tmp_path, rng):
+    x, y = _data(rng, rows=300)
+    path = write_dataset(tmp_path / "d.parquet", x, y)
+    d = engine.evaluate(path, chunk_rows=37, device="cpu", top_k=(1, 5)).to_dict()
+    stats = R.row_stats(x, y)
+    counted = y != -100
+    n = int(counted.sum())
+    nll = -stats["target_logprob"][counted]
+    hit1 = (stats["target_rank"][counted] == 0).astype(float)
+    hit5 = (stats["target_rank"][counted] < 5).astype(float)
+    entropy = stats["entropy"][counted]
+    for key, values in (("nll", nll), ("accuracy", hit1), ("entropy", entropy)):
+        assert d["se"][key] == pytest.approx(np.std(values, ddof=1) / math.sqrt(n), rel=1e-4)
+    assert d["se"]["top_k_accuracy"]["5"] == pytest.approx(
+        np.std(hit5, ddof=1) / math.sqrt(n), rel=1e-9
+    )
+    low, high = d["perplexity_ci95"]
+    se = d["se"]["nll"]
+    assert low == pytest.approx(math.exp(d["nll"] - 1.96 * se), rel=1e-12)
+    assert high == pytest.approx(math.exp(d["nll"] + 1.96 * se), rel=1e-12)
+    assert low < d["perplexity"] < high
+
+
+def test_standard_errors_undefined_below_two_rows(tmp_path, rng):
+    x, y = _data(rng, rows=1, ignore_frac=0.0)
+    path = write_dataset(tmp_path / "d.parquet", x, y)
+    d = engine.evaluate(path, device="cpu").to_dict()
+    assert d["se"]["nll"] is None and d["se"]["accuracy"] is None
+    assert d["perplexity_ci95"] is None
+
+
+def test_soft_targets_have_a_kl_standard_error(tmp_path, rng):
+    x, _ = _data(rng, rows=120)
+    t = rng.dirichlet(np.ones(x.shape[1]), size=x.shape[0]).astype(np.float32)
+    path = write_dataset(tmp_path / "d.parquet", x, None, soft=t)
+    d = engine.evaluate(path, device="cpu").to_dict()
+    kl = R.row_stats(x, t.astype(np.float64))["kl"]
+    assert d["se"]["kl"] == pytest.approx(np.std(kl, ddof=1) / math.sqrt(len(kl)), rel=1e-4)
+
+
+def test_accuracy_follows_argmax_on_ties(tmp_path, rng):
+    """bfloat16 rows full of ties: accuracy is the mean of argmax == target, exactly as a user
+    recomputes it from `score` output (the first maximal index is the prediction)."""
+    rows, classes = 400, 16
+    levels = np.array([-1.0, 0.0, 0.5, 1.0], np.float32)  # 4 values over 16 classes: ties
+    x = levels[rng.integers(0, 4, (rows, classes))]
+    y = rng.integers(0, classes, rows)
+    bits = dtypes.float32_to_bf16_bits(x)
+    path = write_dataset(tmp_path / "ties.parquet", bits, y, bf16=True)
+    out = tmp_path / "s.parquet"
+    report = engine.score(path, out, device="cpu", top_k=(1, 2))
+    scored = pq.read_table(out)
+    argmax = scored["argmax"].to_numpy()
+    rank = scored["target_rank"].to_numpy()
+    assert np.array_equal(argmax, np.argmax(x, axis=1))
+    ahead = (x > x[np.arange(rows), y][:, None]).sum(1)
+    tied_before = (
+        (x == x[np.arange(rows), y][:, None]) & (np.arange(classes)[None, :] < y[:, None])
+    ).sum(1)
+    assert np.array_equal(rank, ahead + tied_before)
+    assert report["accuracy"] == pytest.approx(float(np.mean(argmax == y)), abs=1e-15)
+    assert report["top_k_accuracy"]["2"] == pytest.approx(float(np.mean(rank < 2)), abs=1e-15)
+
+
+def test_job_specs_are_frozen_and_sources_give_new_ones(tmp_path, rng):
+    import dataclasses
+
+    from engine.io import open_source
+    from engine.jobs.spec import for_source, make_spec
+
+    x, y = _data(rng, rows=10)
+    path = write_dataset(tmp_path / "b.parquet", dtypes.float32_to_bf16_bits(x), y, bf16=True)
+    spec = make_spec((1, 5), None, "cpu", "error", {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.nan_policy = "skip"
+    marked, classes = for_source(open_source(path), spec)
+    assert classes == x.shape[1] and marked.opts.logits_dtype == "bfloat16"
+    assert spec.opts.logits_dtype is None  # the caller's spec is untouched

@@ -1,0 +1,156 @@
+"""The jobs over datasets: evaluate (metrics), score (a row per row), gradients.
+
+The front door builds one validated `JobSpec` from the keyword arguments and hands it to a
+runner: `local` (this process) or `dask` (one task per fragment on Dask distributed). Both
+runners share the per-chunk work (`chunks`) and the reports (`finish`), so a job gives the
+same numbers wherever it runs.
+"""
+
+from __future__ import annotations
+
+from engine.errors import XentUsageError
+from engine.jobs import local
+from engine.jobs.finish import Report
+from engine.jobs.spec import JobSpec, keep_tuple, make_spec
+
+__all__ = ["JobSpec", "Report", "evaluate", "gradients", "score"]
+
+GRAD_DTYPES = ("float32", "float16")
+
+
+def evaluate(
+    source,
+    *,
+    logits="logits",
+    target="target",
+    group_by=None,
+    top_k=(1, 5),
+    chunk_rows=None,
+    device="auto",
+    progress=False,
+    nan_policy="error",
+    threads=None,
+    dask=None,
+    **loss_options,
+) -> Report:
+    """Exact streaming metrics (loss, nll, perplexity, accuracy, ...) over any size of data."""
+    spec = make_spec(top_k, chunk_rows, device, nan_policy, loss_options)
+    if dask:
+        from engine.jobs import dask as runner
+
+        return runner.evaluate(
+            source,
+            spec,
+            logits=logits,
+            target=target,
+            group_by=group_by,
+            address=dask,
+            progress=progress,
+        )
+    return local.evaluate(
+        source,
+        spec,
+        logits=logits,
+        target=target,
+        group_by=group_by,
+        progress=progress,
+        threads=threads,
+    )
+
+
+def score(
+    source,
+    output,
+    *,
+    keep=(),
+    overwrite=False,
+    resume=False,
+    logits="logits",
+    target="target",
+    top_k=(1, 5),
+    chunk_rows=None,
+    device="auto",
+    progress=False,
+    nan_policy="error",
+    threads=None,
+    dask=None,
+    **loss_options,
+) -> Report:
+    """One output row per input row (the per-row stats plus keep columns); metrics as
+    `evaluate`.
+
+    ``output`` ending in .parquet/.arrow is one file written under a temporary name and
+    renamed when complete. A directory output (or ``resume=True``) is written as parts with
+    a manifest, and a resumed job skips the parts already written.
+    """
+    spec = make_spec(top_k, chunk_rows, device, nan_policy, loss_options)
+    keep = keep_tuple(keep)
+    if dask:
+        from engine.jobs import dask as runner
+
+        return runner.score(
+            source,
+            output,
+            spec,
+            keep=keep,
+            overwrite=overwrite,
+            resume=resume,
+            logits=logits,
+            target=target,
+            address=dask,
+            progress=progress,
+        )
+    return local.score(
+        source,
+        output,
+        spec,
+        keep=keep,
+        overwrite=overwrite,
+        resume=resume,
+        logits=logits,
+        target=target,
+        progress=progress,
+        threads=threads,
+    )
+
+
+def gradients(
+    source,
+    output,
+    *,
+    keep=(),
+    overwrite=False,
+    grad_dtype="float32",
+    grad_output=1.0,
+    logits="logits",
+    target="target",
+    chunk_rows=None,
+    device="auto",
+    progress=False,
+    nan_policy="error",
+    threads=None,
+    dask=None,
+    **loss_options,
+) -> Report:
+    """d loss / d logits for every row, written as a ``grad`` fixed_size_list column.
+
+    Under ``mean`` the denominator is global: one cheap pass over the target column first.
+    """
+    if grad_dtype not in GRAD_DTYPES:
+        raise XentUsageError("grad_dtype must be float32 or float16")
+    spec = make_spec((1,), chunk_rows, device, nan_policy, loss_options)
+    keep = keep_tuple(keep)
+    runner_kwargs = dict(
+        keep=keep,
+        overwrite=overwrite,
+        grad_dtype=grad_dtype,
+        grad_output=grad_output,
+        logits=logits,
+        target=target,
+        progress=progress,
+    )
+    if dask:
+        from engine.jobs import dask as runner
+
+        return runner.gradients(source, output, spec, address=dask, **runner_kwargs)
+    return local.gradients(source, output, spec, threads=threads, **runner_kwargs)

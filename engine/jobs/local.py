@@ -1,0 +1,169 @@
+"""The single-machine runner: chunks decoded ahead on reader threads while the GIL-free
+kernels run on this one, so both stay busy; memory is bounded by chunk size times
+read-ahead."""
+
+from __future__ import annotations
+
+import time
+
+from engine import api
+from engine.io import Source, sinks
+from engine.jobs.chunks import (
+    empty_stats,
+    eval_chunk,
+    global_denominators,
+    probability_warning,
+    write_gradients,
+)
+from engine.jobs.finish import Report, gradients_report, metrics_report
+from engine.jobs.spec import JobSpec, for_source, is_directory_output, open_job_source
+from engine.metrics import MetricState
+from engine.progress import make_progress
+from engine.threads import set_threads
+
+
+def _setup(source, spec: JobSpec, n_threads, logits, target, keep=(), group_by=None):
+    """What every local job does first: threads, kernels, the source and its classes."""
+    set_threads(n_threads or None)  # 0 / None: keep the current setting
+    kernels = api.backend(spec.device)
+    src = open_job_source(source, spec, logits, target, keep=keep, group_by=group_by)
+    spec, classes = for_source(src, spec)
+    return spec, kernels, src, classes
+
+
+def evaluate(source, spec: JobSpec, *, logits, target, group_by, progress, threads) -> Report:
+    spec, kernels, src, classes = _setup(source, spec, threads, logits, target, group_by=group_by)
+    bar = make_progress(progress, src)
+    state = MetricState(top_k=spec.top_k)
+    warnings: list[str] = []
+    start = time.perf_counter()
+    try:
+        for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
+            if not warnings and state.total.rows == 0:
+                w = probability_warning(chunk, spec)
+                if w:
+                    warnings.append(w)
+            eval_chunk(chunk, spec, classes, state, kernels)
+            bar.update(chunk.num_rows, chunk.logits.nbytes)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return Report(metrics_report(state, spec, classes, src.soft_targets, seconds), warnings)
+
+
+def score(
+    source, output, spec: JobSpec, *, keep, overwrite, resume, logits, target, progress, threads
+) -> Report:
+    spec, kernels, src, classes = _setup(source, spec, threads, logits, target, keep)
+    bar = make_progress(progress, src)
+    start = time.perf_counter()
+    warnings: list[str] = []
+    try:
+        if resume or is_directory_output(output):
+            state, warning = _score_parts(
+                src, output, spec, classes, kernels, bar, overwrite, resume
+            )
+            warnings += [warning] if warning else []
+        else:
+            state = _score_file(src, output, spec, classes, kernels, bar, overwrite)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    metrics = metrics_report(state, spec, classes, src.soft_targets, seconds)
+    return Report(metrics, warnings, output=str(output))
+
+
+def _score_file(src: Source, output, spec, classes, kernels, bar, overwrite) -> MetricState:
+    state = MetricState(top_k=spec.top_k)
+    soft = src.soft_targets
+    with sinks.open_sink(output, overwrite=overwrite) as sink:
+        for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
+            stats = eval_chunk(chunk, spec, classes, state, kernels)
+            sink.write(sinks.score_table(stats, chunk.keep, soft))
+            bar.update(chunk.num_rows, chunk.logits.nbytes)
+        if state.total.rows == 0:
+            sink.write(sinks.score_table(empty_stats(soft), None, soft))
+    return state
+
+
+def _score_parts(src: Source, output, spec, classes, kernels, bar, overwrite, resume):
+    """A directory of parts, one per chunk; each part's metric sums go into the manifest
+    with it, so a resumed job reports the whole output, not just the parts it computed."""
+    soft = src.soft_targets
+    writer = sinks.PartsWriter(str(output), overwrite=overwrite, resume=resume)
+    done = writer.completed()
+    parts: dict[int, MetricState] = {}
+    rows = 0
+    for index, chunk in enumerate(src.iter_chunks(chunk_rows=spec.chunk_rows)):
+        rows += chunk.num_rows
+        if index in done:
+            parts[index] = recorded_metrics(writer, index)
+        else:
+            part = MetricState(top_k=spec.top_k)
+            stats = eval_chunk(chunk, spec, classes, part, kernels)
+            table = sinks.score_table(stats, chunk.keep, soft)
+            writer.write_part(index, table, first_row=chunk.row, metrics=part.to_dict())
+            parts[index] = part
+        bar.update(chunk.num_rows, chunk.logits.nbytes)
+    writer.finalize(src.num_rows if src.num_rows is not None else rows)
+    return merge_parts(parts, spec, directory=str(output))
+
+
+def recorded_metrics(writer: sinks.PartsWriter, index: int) -> MetricState | None:
+    """A finished part's metric sums from the manifest (None: written without them).
+
+    Bytes are not carried over: rates describe the work of this run."""
+    data = writer.part_metrics(index)
+    if data is None:
+        return None
+    state = MetricState.from_dict(data)
+    state.logit_bytes = 0
+    return state
+
+
+def merge_parts(parts: dict, spec: JobSpec, directory: str) -> tuple[MetricState, str | None]:
+    """Part states merged in part order (the same sums in the same order on every run),
+    and a warning when some finished parts carry no sums (an older xent wrote them)."""
+    state = MetricState(top_k=spec.top_k)
+    missing = 0
+    for index in sorted(parts):
+        if parts[index] is None:
+            missing += 1
+        else:
+            state.merge(parts[index])
+    warning = None
+    if missing:
+        warning = (
+            f"{directory}: {missing} resumed part(s) were written without their metric sums; "
+            "the metrics cover only the other parts"
+        )
+    return state, warning
+
+
+def gradients(
+    source, output, spec: JobSpec, *, keep, overwrite, grad_dtype, grad_output, logits, target,
+    progress, threads,
+) -> Report:  # fmt: skip
+    spec, kernels, src, classes = _setup(source, spec, threads, logits, target, keep)
+    bar = make_progress(progress, src)
+    denominators = (None, None)
+    if spec.opts.reduction == "mean":  # global: one cheap pass over the target column first
+        denominators = global_denominators(src, spec, classes)
+    start = time.perf_counter()
+    try:
+        with sinks.open_sink(output, overwrite=overwrite) as sink:
+            sums = write_gradients(
+                src.iter_chunks(chunk_rows=spec.chunk_rows),
+                sink,
+                spec,
+                classes,
+                kernels,
+                denominators,
+                grad_output,
+                grad_dtype,
+                on_chunk=bar.update,
+            )
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return Report(gradients_report(sums, spec, classes, denominators, seconds), output=str(output))

@@ -1,0 +1,85 @@
+"""What a job is, before any data is read: the validated options, and the opened source.
+
+A `JobSpec` is plain frozen data, so the Dask runner ships it to workers as it is; facts
+learned from the data (a file marked bfloat16) give a new spec, never an edited one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engine.errors import XentInputError, XentUsageError
+from engine.io import Source, open_source
+from engine.options import LossOptions, make_options
+
+NAN_POLICIES = ("error", "skip", "propagate")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a job needs besides the source."""
+
+    opts: LossOptions
+    top_k: tuple[int, ...] = (1, 5)
+    chunk_rows: int | None = None
+    device: str = "auto"
+    nan_policy: str = "error"
+
+    def __post_init__(self):
+        if self.nan_policy not in NAN_POLICIES:
+            raise XentUsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}")
+        top_k = tuple(sorted({int(k) for k in self.top_k} | {1}))
+        if any(k < 1 for k in top_k):
+            raise XentUsageError("top_k values must be >= 1")
+        object.__setattr__(self, "top_k", top_k)  # normalised once, at construction
+
+    @property
+    def metric_reduction(self) -> str:
+        """How reports reduce the loss: 'sum' under reduction sum, else 'mean'."""
+        return "sum" if self.opts.reduction == "sum" else "mean"
+
+
+def make_spec(top_k, chunk_rows, device, nan_policy, loss_options: dict) -> JobSpec:
+    """A spec from the public functions' keyword arguments (``options=`` or loose ones)."""
+    loss_options = dict(loss_options)
+    opts = make_options(loss_options.pop("options", None), **loss_options)
+    return JobSpec(
+        opts=opts, top_k=tuple(top_k), chunk_rows=chunk_rows, device=device, nan_policy=nan_policy
+    )
+
+
+def open_job_source(source, spec: JobSpec, logits, target, keep=(), group_by=None) -> Source:
+    return open_source(
+        source,
+        logits=logits,
+        target=target,
+        keep=keep,
+        group_by=group_by,
+        logits_dtype=spec.opts.logits_dtype,
+    )
+
+
+def for_source(src: Source, spec: JobSpec) -> tuple[JobSpec, int]:
+    """(the spec as this source needs it, the number of classes), checked against options."""
+    classes = src.num_classes
+    if classes is None:
+        raise XentInputError("cannot tell the number of classes (no rows?)", file=src.files[0].path)
+    spec.opts.check_classes(classes)
+    if src.storage == "bfloat16" and spec.opts.logits_dtype != "bfloat16":
+        # marked in the file's metadata: the logits are bfloat16 bits whatever was asked
+        spec = dataclasses.replace(spec, opts=spec.opts.with_(logits_dtype="bfloat16"))
+    return spec, classes
+
+
+def keep_tuple(keep) -> tuple[str, ...]:
+    """``keep`` as given to the API: a comma-separated string or a sequence of names."""
+    if isinstance(keep, str):
+        return tuple(k for k in keep.split(",") if k)
+    return tuple(keep or ())
+
+
+def is_directory_output(output) -> bool:
+    """A score output written as parts: a trailing slash, or a last name without a suffix."""
+    text = str(output)
+    return text.endswith(("/", "\\")) or "." not in text.rsplit("/", 1)[-1]
