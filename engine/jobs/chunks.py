@@ -108,18 +108,6 @@ def probability_warning(chunk: Chunk, spec: JobSpec) -> str | None:
     return None
 
 
-def empty_stats(soft: bool) -> dict:
-    """RowStats of no rows (the columns of an empty score output)."""
-    stats = {
-        k: np.zeros(0, np.float32) for k in ("loss", "target_logprob", "lse", "max_prob", "entropy")
-    }
-    stats["argmax"] = np.zeros(0, np.int64)
-    stats["target_rank"] = np.zeros(0, np.int64)
-    if soft:
-        stats["kl"] = np.zeros(0, np.float32)
-    return stats
-
-
 # -- gradients ----------------------------------------------------------------------------
 
 

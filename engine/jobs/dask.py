@@ -39,7 +39,6 @@ from engine.errors import XentInputError
 from engine.io import Fragment, Source, open_fragment, sinks
 from engine.jobs.chunks import (
     GradSums,
-    empty_stats,
     eval_chunk,
     global_denominators,
     probability_warning,
@@ -51,6 +50,7 @@ from engine.jobs.local import merge_parts, recorded_metrics
 from engine.jobs.spec import JobSpec, for_source, open_job_source
 from engine.metrics import MetricState
 from engine.progress import make_progress
+from engine.schema import empty_row_stats
 from engine.threads import cpu_count, set_threads
 
 #: Extra attempts of a task that raised (a worker that dies is handled by the scheduler,
@@ -145,7 +145,7 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
                 sink.write(sinks.score_table(stats, chunk.keep, job.soft))
         if sink is not None:
             if sink.rows == 0:
-                empty = sinks.score_table(empty_stats(job.soft), _empty_keep(job), job.soft)
+                empty = sinks.score_table(empty_row_stats(job.soft), _empty_keep(job), job.soft)
                 sink.write(empty)
             sink.commit()
     finally:

@@ -9,7 +9,6 @@ import time
 from engine import api
 from engine.io import Source, sinks
 from engine.jobs.chunks import (
-    empty_stats,
     eval_chunk,
     global_denominators,
     probability_warning,
@@ -19,6 +18,7 @@ from engine.jobs.finish import Report, gradients_report, metrics_report
 from engine.jobs.spec import JobSpec, for_source, is_directory_output, open_job_source
 from engine.metrics import MetricState
 from engine.progress import make_progress
+from engine.schema import empty_row_stats
 from engine.threads import set_threads
 
 
@@ -82,7 +82,7 @@ def _score_file(src: Source, output, spec, classes, kernels, bar, overwrite) -> 
             sink.write(sinks.score_table(stats, chunk.keep, soft))
             bar.update(chunk.num_rows, chunk.logits.nbytes)
         if state.total.rows == 0:
-            sink.write(sinks.score_table(empty_stats(soft), None, soft))
+            sink.write(sinks.score_table(empty_row_stats(soft), None, soft))
     return state
 
 
