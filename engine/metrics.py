@@ -110,13 +110,7 @@ class MetricSums:
     def finalize(self, *, classes: int, reduction: str, z_loss: float, soft: bool) -> dict:
         """The SPEC §5 keys (undefined values are None, never NaN)."""
         c = self.counted
-        with np.errstate(all="ignore"):
-            if reduction == "sum":
-                loss = self.ce_sum + self.z_sum
-            else:
-                loss = self.ce_sum / self.weight_sum if self.weight_sum else math.nan
-                if z_loss:
-                    loss = loss + (self.z_sum / c if c else math.nan)
+        loss = reduce_loss(self.ce_sum, self.z_sum, self.weight_sum, c, reduction)
         nll = self.nll_sum / c if c else math.nan
         se_nll = standard_error(self.nll_sum, self.nll_sq_sum, c)
         top_k = sorted(k for k in set(self.top_k) if k > 1)
@@ -196,6 +190,17 @@ class MetricSums:
         nonempty = self.ece_count > 0
         gap = np.abs(self.ece_correct[nonempty] - self.ece_conf[nonempty])
         return float(np.sum(gap) / total)
+
+
+def reduce_loss(ce_sum: float, z_sum: float, weight_sum: float, counted: int, reduction: str):
+    """The loss as PyTorch reduces it, from float64 sums: ``sum``, or ``mean`` = Σ loss over
+    Σ w[y] (NaN when nothing is counted), the z-loss term over the counted rows."""
+    if reduction == "sum":
+        return ce_sum + z_sum
+    value = ce_sum / weight_sum if weight_sum != 0 else math.nan
+    if z_sum != 0.0:
+        value += z_sum / counted if counted else math.nan
+    return float(value)
 
 
 def standard_error(total: float, squares: float, n: int) -> float:

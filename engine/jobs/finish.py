@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine import api
 from engine.jobs.chunks import GradSums
 from engine.jobs.spec import JobSpec
-from engine.metrics import MetricState, json_clean
+from engine.metrics import MetricState, json_clean, reduce_loss
 
 
 @dataclass
@@ -52,7 +51,7 @@ def gradients_report(
 ) -> dict:
     """The metrics of a gradients job: rows, counted, the reduced loss, rates."""
     weight_sum = denominators[0] if denominators[0] is not None else 0.0
-    loss = api.reduce_loss(sums.ce_sum, sums.z_sum, weight_sum, sums.counted, spec.metric_reduction)
+    loss = reduce_loss(sums.ce_sum, sums.z_sum, weight_sum, sums.counted, spec.metric_reduction)
     metrics = {
         "rows": sums.rows,
         "counted": sums.counted,
