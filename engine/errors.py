@@ -4,7 +4,7 @@ The CLI prints a user error as one line ``Error: <message>`` with status 2. Ever
 exception (a ``ValueError`` from deep inside numpy included) is shown as an internal error
 with status 1. So an error meant for the user must be raised on purpose as one of these
 types. They subclass the builtin PyTorch would raise (``ValueError``, ``TypeError``,
-``IndexError``) so that Python callers catching those keep working (SPEC §3).
+``IndexError``) so that Python callers catching those keep working.
 """
 
 from __future__ import annotations

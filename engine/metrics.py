@@ -108,7 +108,8 @@ class MetricSums:
         return self
 
     def finalize(self, *, classes: int, reduction: str, z_loss: float, soft: bool) -> dict:
-        """The SPEC §5 keys (undefined values are None, never NaN)."""
+        """The report keys of `xent eval --json` (undefined values are NaN here; reports
+        turn them into null)."""
         c = self.counted
         loss = reduce_loss(self.ce_sum, self.z_sum, self.weight_sum, c, reduction)
         nll = self.nll_sum / c if c else math.nan
