@@ -13,6 +13,15 @@ with a reason, when it cannot run here:
 - ``jax-cpu``: ``jax.jit`` of ``-take_along_axis(jax.nn.log_softmax(x), y)``, and of its
   ``jax.value_and_grad``; results are ``block_until_ready``-ed. XLA picks its own CPU
   thread pool (all cores of the machine).
+- ``torch-lse``, ``torch-compile-lse``, ``jax-lse``: each peer's strongest formulation,
+  beside the library call above: the loss as ``logsumexp(x, 1) - x[row, y]`` (torch:
+  ``torch.logsumexp(x, 1) - x.gather(1, y)``; jax: ``logsumexp(x, 1) -
+  take_along_axis(x, y)``), eager, ``torch.compile``-d and ``jax.jit``-ted, gradients by
+  autograd / ``grad_and_value`` / ``value_and_grad`` as for their neighbours. No
+  log-softmax matrix is materialised (issue 19 measured ``jax-cpu``, which materialises
+  it, 2-4x slower than this formulation). In float16 the log-sum-exp is rounded to
+  float16 before the gradient's ``exp(x - lse)``, so their float16 gradients sit a few
+  1e-3 from the engine's.
 - ``engine-cuda`` / ``torch-cuda``: the same on a GPU, when one is present. Both take host
   arrays and return host results (the engine's CUDA API takes NumPy arrays and streams them
   through pinned buffers), so their timings include the PCIe transfers.
@@ -54,7 +63,15 @@ import numpy as np
 TARGET_BYTES = 100e6  # logits per case: ~100 MB
 QUICK_BYTES = 16e6
 
-CPU_PROVIDERS = ("engine-cpu", "torch-eager", "torch-compile", "jax-cpu")
+CPU_PROVIDERS = (
+    "engine-cpu",
+    "torch-eager",
+    "torch-lse",
+    "torch-compile",
+    "torch-compile-lse",
+    "jax-cpu",
+    "jax-lse",
+)
 CUDA_PROVIDERS = ("engine-cuda", "torch-cuda")
 ENGINE_PROVIDERS = ("engine-cpu", "engine-cuda")
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
@@ -189,12 +206,28 @@ def _torch():
     return torch
 
 
+def _torch_loss(lse: bool):
+    """``loss(x, y, reduction)``: F.cross_entropy, or its logsumexp formulation (``lse``)."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    if not lse:
+        return lambda x, y, reduction: F.cross_entropy(x, y, reduction=reduction)
+
+    def loss(x, y, reduction):
+        per_row = torch.logsumexp(x, 1) - x.gather(1, y[:, None])[:, 0]
+        return per_row.mean() if reduction == "mean" else per_row.sum()
+
+    return loss
+
+
 class TorchProvider(Provider):
-    def __init__(self, name: str, device: str, compiled: bool):
+    def __init__(self, name: str, device: str, compiled: bool, lse: bool = False):
         self.name = name
         self.device = device
         self.compiles = compiled
         self.compiled = compiled
+        self.lse = lse
         self.note = ""
 
     def available(self) -> None:
@@ -209,7 +242,7 @@ class TorchProvider(Provider):
 
     def prepare(self, case: Case):
         torch = _torch()
-        import torch.nn.functional as F
+        loss_fn = _torch_loss(self.lse)
 
         if case.mode == "row_stats":
             raise Skip("no row_stats equivalent")
@@ -222,7 +255,7 @@ class TorchProvider(Provider):
         if case.mode == "forward":
 
             def fwd(x, y):
-                return F.cross_entropy(x, y, reduction="mean")
+                return loss_fn(x, y, "mean")
 
             f = torch.compile(fwd, dynamic=False) if self.compiled else fwd
 
@@ -237,9 +270,7 @@ class TorchProvider(Provider):
             from torch import func
 
             def loss_and_grad(x, y):
-                grad, loss = func.grad_and_value(lambda z: F.cross_entropy(z, y, reduction="sum"))(
-                    x
-                )
+                grad, loss = func.grad_and_value(lambda z: loss_fn(z, y, "sum"))(x)
                 return loss, grad
 
             f = torch.compile(loss_and_grad, dynamic=False)
@@ -254,13 +285,11 @@ class TorchProvider(Provider):
             except Exception:
                 torch._dynamo.reset()
                 self.note = "compiled forward + autograd"
-                fwd = torch.compile(
-                    lambda x, y: F.cross_entropy(x, y, reduction="sum"), dynamic=False
-                )
+                fwd = torch.compile(lambda x, y: loss_fn(x, y, "sum"), dynamic=False)
         else:
 
             def fwd(x, y):
-                return F.cross_entropy(x, y, reduction="sum")
+                return loss_fn(x, y, "sum")
 
         leaf = x.detach().requires_grad_(True)
 
@@ -309,8 +338,11 @@ class TorchProvider(Provider):
 
 
 class JaxProvider(Provider):
-    name = "jax-cpu"
     compiles = True
+
+    def __init__(self, name: str = "jax-cpu", lse: bool = False):
+        self.name = name
+        self.lse = lse
 
     def available(self) -> None:
         try:
@@ -325,6 +357,7 @@ class JaxProvider(Provider):
     def prepare(self, case: Case):
         import jax
         import jax.numpy as jnp
+        from jax.scipy.special import logsumexp
 
         if case.mode == "row_stats":
             raise Skip("no row_stats equivalent")
@@ -332,9 +365,17 @@ class JaxProvider(Provider):
         x = jax.device_put(case.x, cpu)
         y = jax.device_put(case.y.astype(np.int32), cpu)
 
-        def nll(x, y):
-            logp = jax.nn.log_softmax(x, axis=-1)
-            return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+        if self.lse:
+
+            def nll(x, y):
+                picked = jnp.take_along_axis(x, y[:, None], axis=1)[:, 0]
+                return logsumexp(x, axis=1) - picked
+
+        else:
+
+            def nll(x, y):
+                logp = jax.nn.log_softmax(x, axis=-1)
+                return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
 
         if case.mode == "forward":
             f = jax.jit(lambda x, y: jnp.mean(nll(x, y)))
@@ -366,9 +407,12 @@ def make_providers(names: Sequence[str] | None, device: str) -> list[Provider]:
         "engine-cpu": lambda: EngineProvider("cpu"),
         "engine-cuda": lambda: EngineProvider("cuda"),
         "torch-eager": lambda: TorchProvider("torch-eager", "cpu", False),
+        "torch-lse": lambda: TorchProvider("torch-lse", "cpu", False, lse=True),
         "torch-compile": lambda: TorchProvider("torch-compile", "cpu", True),
+        "torch-compile-lse": lambda: TorchProvider("torch-compile-lse", "cpu", True, lse=True),
         "torch-cuda": lambda: TorchProvider("torch-cuda", "cuda", False),
-        "jax-cpu": JaxProvider,
+        "jax-cpu": lambda: JaxProvider("jax-cpu"),
+        "jax-lse": lambda: JaxProvider("jax-lse", lse=True),
     }
     out = []
     for n in names:

@@ -1,10 +1,11 @@
 """What the kernel benchmark shows: the markdown table and its footnotes, the engine /
 best-peer ratios, the CSV it appends to, the PNG plots, and the cold-start table.
 
-``ratio_to_best_peer`` = engine GB/s / best peer GB/s for the same shape, measured in the
-same process (CPU engine vs CPU peers, CUDA vs CUDA). ``roofline_share`` = GB/s / this
-machine's read bandwidth (forward, row_stats) or copy bandwidth (forward_grad), measured
-by bench/roofline.py in the same run.
+``ratio_to_best_peer`` = engine GB/s / the best GB/s of all peers (library calls and
+logsumexp formulations alike) for the same shape, measured in the same process (CPU
+engine vs CPU peers, CUDA vs CUDA). ``roofline_share`` = GB/s / this machine's read
+bandwidth (forward, row_stats) or copy bandwidth (forward_grad), measured by
+bench/roofline.py in the same run.
 """
 
 from __future__ import annotations
