@@ -10,64 +10,14 @@ Usage (from the repository root)::
 Importable: ``run(...)`` returns one dict per (provider, mode, dtype, classes) and
 ``format_table(results)`` renders them as a markdown table (``xent bench`` prints it).
 
-Providers (each skips itself, with a reason, when it cannot run here):
-
-- ``engine-cpu``: ``engine.cross_entropy`` / ``engine.cross_entropy_grad`` /
-  ``engine.row_stats`` with ``device="cpu"`` (Numba, ``--threads`` threads).
-- ``torch-eager``: ``torch.nn.functional.cross_entropy``; forward+grad is the forward plus
-  ``torch.autograd.grad`` of the loss w.r.t. a leaf tensor (``torch.set_num_threads``).
-- ``torch-compile``: ``torch.compile(dynamic=False)`` of the same forward; forward+grad is
-  ``torch.compile`` of ``torch.func.grad_and_value`` (falls back to a compiled forward plus
-  autograd when that does not compile). Compilation is excluded (warm-up calls).
-- ``jax-cpu``: ``jax.jit`` of ``-take_along_axis(jax.nn.log_softmax(x), y)``, and of its
-  ``jax.value_and_grad``; results are ``block_until_ready``-ed. XLA picks its own CPU
-  thread pool (all cores of the machine).
-- ``engine-cuda`` / ``torch-cuda``: the same on a GPU, when one is present. Both take host
-  arrays and return host results (the engine's CUDA API takes NumPy arrays and streams them
-  through pinned buffers), so their timings include the PCIe transfers.
-
-Modes: ``forward`` (reduction ``mean``: one float), ``forward_grad`` (reduction ``sum``:
-the loss and d loss / d logits; ``sum`` so that float16 gradients stay O(1) and do not
-underflow, the cost is the same as ``mean``), ``row_stats`` (engine only; peers have no
-single equivalent call and are reported as skipped).
-
-Byte counts (1 GB = 1e9 bytes), the *compulsory* memory traffic of the logits, quack
-style; targets (8 bytes/row) and per-row outputs are left out::
-
-    forward      bytes = rows * C * itemsize        (logits read once)
-    row_stats    bytes = rows * C * itemsize        (logits read once)
-    forward_grad bytes = 2 * rows * C * itemsize    (logits read once + gradient written
-                                                     once, in the logits dtype)
-
-Every provider gets the same byte count for a shape, so GB/s ratios are time ratios. A
-kernel that reads a row twice (the engine's second read comes from L1/L2; torch's eager
-backward re-reads from memory) is not credited for the second read. The gradient has the
-logits dtype for every provider. The engine writes it into a buffer allocated once
-(``out=``, which its API offers and the peers' do not); the peers allocate theirs per
-call. On this VM first-touch page faults of a fresh 100 MB buffer cost anywhere from 10 to
-200 ms at random (measured: the engine's forward_grad at C=1000 swung 1.0-9.6 GB/s with a
-fresh ``np.empty_like`` per call), so a per-call allocation measures the VM, not a kernel.
-
-Timing: warm-up calls first (compilation excluded for every provider; the engine's very
-first call of a case is timed separately as ``first_call_s``: Numba compile or cache load
-when it is the first call of its kernel and dtype in the process), then ``repeats`` timed
-calls, round-robin over the providers in a rotating order, each after 20 ms of
-busy-waiting and one untimed lead-in call: median, p20 and p80 seconds.
-``ratio_to_best_peer`` = engine GB/s / best peer GB/s for the same shape, measured in the
-same process (CPU engine vs CPU peers, CUDA vs CUDA).
-``roofline_share`` = GB/s / this machine's read bandwidth (forward, row_stats) or copy
-bandwidth (forward_grad), measured by bench/roofline.py in the same run.
-
-Correctness: each peer's loss (and gradient) from its warm-up call is compared with the
-engine's; ``check`` holds the relative loss difference and the gradient's max abs
-difference relative to max |grad|; disagreements beyond 1e-5 (float32) / 2e-3 (float16)
-are printed as warnings.
+This module runs the benchmark; the rest is in its neighbours: bench/providers.py (the
+engine and its peers, modes, byte counts, the correctness check), bench/timing.py (how a
+call is timed), bench/report.py (table, footnotes, ratios, CSV, plots).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json as _json
 import os
@@ -75,395 +25,36 @@ import socket
 import subprocess
 import sys
 import tempfile
-
-# Providers are timed round-robin in one process. OpenMP worker threads (torch's, and
-# Numba's when its threading layer is OpenMP) spin for a while after each parallel region
-# by default, stealing the 2 cores from whichever provider runs next. Passive waiting makes
-# the comparison fair; it must be set before torch or numba start their thread pools.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from bench.providers import (
+    ENGINE_PROVIDERS,
+    QUICK_BYTES,
+    TARGET_BYTES,
+    TOLERANCE,
+    Case,
+    Output,
+    Provider,
+    Skip,
+    byte_count,
+    compare,
+    make_case_data,
+    make_providers,
+    rows_for,
+)
+from bench.report import fill_ratios, format_cold_start, format_table, plot, save_results
+from bench.timing import set_threads, time_call
+
+__all__ = ["run", "format_table", "cold_start", "format_cold_start", "save_results", "plot", "main"]
 
 DEFAULT_CLASSES = (10, 128, 1000, 32000, 128256, 262144)
 QUICK_CLASSES = (10, 1000, 32000, 128256)
 DEFAULT_MODES = ("forward", "forward_grad")
 ALL_MODES = ("forward", "forward_grad", "row_stats")
-TARGET_BYTES = 100e6  # logits per case: ~100 MB
-QUICK_BYTES = 16e6
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CSV_PATH = RESULTS_DIR / "kernels.csv"
-CSV_COLUMNS = (
-    "timestamp",
-    "host",
-    "provider",
-    "mode",
-    "dtype",
-    "rows",
-    "classes",
-    "bytes",
-    "median_s",
-    "p20_s",
-    "p80_s",
-    "gb_s",
-    "ratio_to_best_peer",
-    "roofline_share",
-    "threads",
-)
-CPU_PROVIDERS = ("engine-cpu", "torch-eager", "torch-compile", "jax-cpu")
-CUDA_PROVIDERS = ("engine-cuda", "torch-cuda")
-ENGINE_PROVIDERS = ("engine-cpu", "engine-cuda")
-TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
-
-
-class Skip(Exception):
-    """A provider cannot run this case (or at all) here; the message says why."""
-
-
-# -- byte counts ---------------------------------------------------------------------------
-
-
-def rows_for(classes: int, itemsize: int, target_bytes: float = TARGET_BYTES) -> int:
-    """Rows so that the logits are ~``target_bytes``: max(1, target_bytes // (C*itemsize))."""
-    return max(1, int(target_bytes // (classes * itemsize)))
-
-
-def byte_count(mode: str, rows: int, classes: int, itemsize: int) -> int:
-    """Compulsory bytes of one call (see the module docstring)."""
-    logits = rows * classes * itemsize
-    return 2 * logits if mode == "forward_grad" else logits
-
-
-# -- one benchmark case ---------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    mode: str
-    dtype: str
-    x: np.ndarray  # rows x C logits (float32 / float16), C-contiguous
-    y: np.ndarray  # int64 targets
-
-    @property
-    def rows(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def classes(self) -> int:
-        return self.x.shape[1]
-
-
-@dataclass
-class Output:
-    """What a call returned, as NumPy, for the correctness check."""
-
-    loss: float
-    grad: np.ndarray | None = None
-
-
-class Provider:
-    """A way to compute the loss. ``prepare`` returns a zero-argument timed call."""
-
-    name = ""
-    device = "cpu"
-    compiles = False  # needs more than one warm-up call
-    note = ""  # how the last prepared call works, when that is worth saying
-
-    def available(self) -> None:
-        """Raise Skip when this provider cannot run at all here."""
-
-    def prepare(self, case: Case) -> Callable[[], object]:
-        raise NotImplementedError
-
-    def output(self, result) -> Output:
-        raise NotImplementedError
-
-    def release(self) -> None:
-        """Drop per-case state (device copies, compiled graphs)."""
-
-
-# -- engine ------------------------------------------------------------------------------
-
-
-class EngineProvider(Provider):
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-        self.name = f"engine-{device}"
-
-    def available(self) -> None:
-        try:
-            import engine  # noqa: F401
-            from engine.api import resolve_device
-        except Exception as exc:  # pragma: no cover - import failure of the package itself
-            raise Skip(f"engine not importable: {exc}") from exc
-        if self.device == "cuda":
-            try:
-                if resolve_device("cuda") != "cuda":
-                    raise Skip("no CUDA device")
-            except Skip:
-                raise
-            except Exception as exc:
-                raise Skip(f"no CUDA backend: {type(exc).__name__}: {exc}") from exc
-
-    def prepare(self, case: Case):
-        import engine
-
-        x, y, dev = case.x, case.y, self.device
-        if dev == "cuda":
-            # the engine's CUDA API takes host arrays: timings include the transfers
-            self.note = "host arrays in, host results out (includes PCIe transfers)"
-        if case.mode == "forward":
-            return lambda: engine.cross_entropy(x, y, reduction="mean", device=dev)
-        if case.mode == "forward_grad":
-            # gradient in the logits dtype into a caller's buffer (the API's out=, which
-            # peers lack): fresh 100 MB allocations on this VM cost 1-10 GB/s of page
-            # faults at random, which would swamp the kernel being measured
-            out = np.empty_like(x)
-            return lambda: engine.cross_entropy_grad(x, y, reduction="sum", out=out, device=dev)
-        if case.mode == "row_stats":
-            return lambda: engine.row_stats(x, y, device=dev)
-        raise Skip(f"unknown mode {case.mode}")
-
-    def output(self, result) -> Output:
-        if isinstance(result, tuple):
-            loss, grad = result
-            grad = np.asarray(grad)
-            return Output(float(loss), grad)
-        if hasattr(result, "loss"):  # RowStats
-            return Output(float(np.sum(np.asarray(result.loss), dtype=np.float64)))
-        return Output(float(result))
-
-
-# -- torch -------------------------------------------------------------------------------
-
-
-def _torch():
-    try:
-        import torch
-    except Exception as exc:
-        raise Skip(f"torch not importable: {exc}") from exc
-    return torch
-
-
-class TorchProvider(Provider):
-    def __init__(self, name: str, device: str, compiled: bool):
-        self.name = name
-        self.device = device
-        self.compiles = compiled
-        self.compiled = compiled
-        self.note = ""
-
-    def available(self) -> None:
-        torch = _torch()
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise Skip("torch has no CUDA device")
-        if self.compiled:
-            try:
-                import torch._dynamo  # noqa: F401
-            except Exception as exc:
-                raise Skip(f"torch.compile unavailable: {exc}") from exc
-
-    def prepare(self, case: Case):
-        torch = _torch()
-        import torch.nn.functional as F
-
-        if case.mode == "row_stats":
-            raise Skip("no row_stats equivalent")
-        if self.device == "cuda":
-            return self._prepare_cuda(case)
-        x = torch.from_numpy(case.x)
-        y = torch.from_numpy(case.y)
-        if self.compiled:
-            torch._dynamo.reset()  # fresh graphs per case: no recompile-limit surprises
-        if case.mode == "forward":
-
-            def fwd(x, y):
-                return F.cross_entropy(x, y, reduction="mean")
-
-            f = torch.compile(fwd, dynamic=False) if self.compiled else fwd
-
-            def call():
-                return f(x, y)
-
-            return call
-
-        if case.mode != "forward_grad":
-            raise Skip(f"unknown mode {case.mode}")
-        if self.compiled:
-            from torch import func
-
-            def loss_and_grad(x, y):
-                grad, loss = func.grad_and_value(lambda z: F.cross_entropy(z, y, reduction="sum"))(
-                    x
-                )
-                return loss, grad
-
-            f = torch.compile(loss_and_grad, dynamic=False)
-            try:
-                f(x, y)  # compiles here, or fails: then fall back below
-                self.note = "torch.func.grad_and_value"
-
-                def call():
-                    return f(x, y)
-
-                return call
-            except Exception:
-                torch._dynamo.reset()
-                self.note = "compiled forward + autograd"
-                fwd = torch.compile(
-                    lambda x, y: F.cross_entropy(x, y, reduction="sum"), dynamic=False
-                )
-        else:
-
-            def fwd(x, y):
-                return F.cross_entropy(x, y, reduction="sum")
-
-        leaf = x.detach().requires_grad_(True)
-
-        def call():
-            loss = fwd(leaf, y)
-            (grad,) = torch.autograd.grad(loss, leaf)
-            return loss.detach(), grad
-
-        return call
-
-    def _prepare_cuda(self, case: Case):
-        """Host tensors in, host results out: the same job as the engine's CUDA API."""
-        torch = _torch()
-        import torch.nn.functional as F
-
-        self.note = "host tensors in, host results out (includes PCIe transfers)"
-        x = torch.from_numpy(case.x)
-        y = torch.from_numpy(case.y)
-        if case.mode == "forward":
-            return lambda: F.cross_entropy(x.cuda(), y.cuda(), reduction="mean").item()
-        if case.mode != "forward_grad":
-            raise Skip(f"unknown mode {case.mode}")
-
-        def call():
-            xd = x.cuda().requires_grad_(True)
-            loss = F.cross_entropy(xd, y.cuda(), reduction="sum")
-            (grad,) = torch.autograd.grad(loss, xd)
-            return loss.item(), grad.cpu()
-
-        return call
-
-    def output(self, result) -> Output:
-        if isinstance(result, tuple):
-            loss, grad = result
-            return Output(float(loss), grad.detach().cpu().numpy())
-        return Output(float(result))
-
-    def release(self) -> None:
-        if self.compiled:
-            _torch()._dynamo.reset()
-        if self.device == "cuda":
-            _torch().cuda.empty_cache()
-
-
-# -- jax ---------------------------------------------------------------------------------
-
-
-class JaxProvider(Provider):
-    name = "jax-cpu"
-    compiles = True
-
-    def available(self) -> None:
-        try:
-            import jax
-        except Exception as exc:
-            raise Skip(f"jax not importable: {exc}") from exc
-        try:
-            jax.devices("cpu")
-        except Exception as exc:
-            raise Skip(f"jax has no CPU backend: {exc}") from exc
-
-    def prepare(self, case: Case):
-        import jax
-        import jax.numpy as jnp
-
-        if case.mode == "row_stats":
-            raise Skip("no row_stats equivalent")
-        cpu = jax.devices("cpu")[0]
-        x = jax.device_put(case.x, cpu)
-        y = jax.device_put(case.y.astype(np.int32), cpu)
-
-        def nll(x, y):
-            logp = jax.nn.log_softmax(x, axis=-1)
-            return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
-
-        if case.mode == "forward":
-            f = jax.jit(lambda x, y: jnp.mean(nll(x, y)))
-        elif case.mode == "forward_grad":
-            f = jax.jit(jax.value_and_grad(lambda x, y: jnp.sum(nll(x, y))))
-        else:
-            raise Skip(f"unknown mode {case.mode}")
-        return lambda: jax.block_until_ready(f(x, y))
-
-    def output(self, result) -> Output:
-        if isinstance(result, tuple):
-            loss, grad = result
-            return Output(float(loss), np.asarray(grad))
-        return Output(float(result))
-
-
-def make_providers(names: Sequence[str] | None, device: str) -> list[Provider]:
-    """Providers by name; None = every provider of ``device`` (cpu, cuda, all/auto)."""
-    if names is None:
-        if device == "cpu":
-            names = CPU_PROVIDERS
-        elif device == "cuda":
-            names = CUDA_PROVIDERS
-        elif device in ("all", "auto"):
-            names = CPU_PROVIDERS + CUDA_PROVIDERS
-        else:
-            raise ValueError(f"device must be cpu, cuda, all or auto; got {device!r}")
-    table = {
-        "engine-cpu": lambda: EngineProvider("cpu"),
-        "engine-cuda": lambda: EngineProvider("cuda"),
-        "torch-eager": lambda: TorchProvider("torch-eager", "cpu", False),
-        "torch-compile": lambda: TorchProvider("torch-compile", "cpu", True),
-        "torch-cuda": lambda: TorchProvider("torch-cuda", "cuda", False),
-        "jax-cpu": JaxProvider,
-    }
-    out = []
-    for n in names:
-        if n not in table:
-            raise ValueError(f"unknown provider {n!r}; choose from {', '.join(table)}")
-        out.append(table[n]())
-    return out
-
-
-# -- timing ------------------------------------------------------------------------------
-
-
-SETTLE_S = 0.02  # busy-wait before each provider's lead-in call (see _time_call)
-
-
-def _settle(seconds: float = SETTLE_S) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
-def _time_call(call: Callable[[], object], lead_in: bool = False) -> tuple[float, object]:
-    if lead_in:
-        # JAX/XLA and OpenMP pools spin after a call, so round-robin timing would charge
-        # that spinning to whichever provider runs next, and with a rotating order the
-        # same provider always follows jax. Measured at C=32000 forward, engine alone
-        # 24-27 GB/s; right after jax 12-15; after jax and one untimed lead-in call 16-17;
-        # after jax, 20 ms of busy-waiting and the lead-in call ~22. So: busy-wait, then
-        # one untimed call. Sleeping instead is worse: after 0.05-0.15 s idle every
-        # provider's next call is slow (engine 17 GB/s back to back vs 9 after a sleep),
-        # while a streaming job calls its kernel back to back.
-        _settle()
-        call()
-    t0 = time.perf_counter()
-    out = call()
-    return time.perf_counter() - t0, out
 
 
 def _new_record(base: dict, p: Provider, nthreads: int | None) -> dict:
@@ -504,10 +95,10 @@ def _run_case(provs, unavailable, case, repeats, roof, base, quiet, nthreads):
         try:
             p.note = ""
             call = p.prepare(case)
-            first, out = _time_call(call)
+            first, out = time_call(call)
             for _ in range(2 if p.compiles else 1):
                 del out
-                _, out = _time_call(call)
+                _, out = time_call(call)
         except Skip as exc:
             rec["status"] = f"skipped: {exc}"
             p.release()
@@ -528,7 +119,7 @@ def _run_case(provs, unavailable, case, repeats, roof, base, quiet, nthreads):
             if o is not None:
                 ref[p.device] = o
         elif o is not None and p.device in ref:
-            rec["check"] = _compare(ref[p.device], o)
+            rec["check"] = compare(ref[p.device], o)
             _warn_check(quiet, rec)
         live.append((p, rec, call, []))
     ref.clear()
@@ -536,7 +127,7 @@ def _run_case(provs, unavailable, case, repeats, roof, base, quiet, nthreads):
         # rotate the order each round, so no provider always follows the same neighbour
         # (XLA's pool, for one, keeps spinning into whatever runs next)
         for _p, _rec, call, times in live[k % len(live) :] + live[: k % len(live)]:
-            t, result = _time_call(call, lead_in=True)
+            t, result = time_call(call, lead_in=True)
             del result
             times.append(t)
     for p, rec, _call, times in live:
@@ -558,51 +149,6 @@ def _run_case(provs, unavailable, case, repeats, roof, base, quiet, nthreads):
             f"rows={case.rows:<8d} {rec['gb_s']:7.2f} GB/s  median {med * 1e3:8.2f} ms",
         )
     return recs
-
-
-def _compare(ref: Output, got: Output) -> dict:
-    check = {}
-    if np.isfinite(ref.loss) and np.isfinite(got.loss):
-        check["loss_rel"] = abs(got.loss - ref.loss) / max(abs(ref.loss), 1e-30)
-    elif np.isfinite(ref.loss):
-        # the peer's loss is inf/NaN where the engine's is finite: float16 peers reduce in
-        # float16 and overflow past 65504 (the engine reduces in float64, SPEC §2)
-        check["loss_rel"] = None
-        check["peer_loss_nonfinite"] = str(got.loss)
-    else:
-        same = str(ref.loss) == str(got.loss)
-        check["loss_rel"] = None if same else 1.0  # engine inf/NaN where the peer differs
-        check["engine_loss_nonfinite"] = str(ref.loss)
-    if ref.grad is not None and got.grad is not None:
-        g_ref = ref.grad.astype(np.float32)
-        scale = float(np.max(np.abs(g_ref))) or 1.0
-        check["grad_rel"] = float(np.max(np.abs(got.grad.astype(np.float32) - g_ref))) / scale
-    return check
-
-
-def _make_case_data(rows: int, classes: int, dtype: str, seed: int = 0):
-    rng = np.random.default_rng(seed + classes)
-    x = rng.standard_normal((rows, classes), dtype=np.float32)
-    x *= 2.0
-    x = x.astype(dtype, copy=False)
-    y = rng.integers(0, classes, size=rows, dtype=np.int64)
-    return x, y
-
-
-def _set_threads(threads: int | None) -> int:
-    import numba
-
-    if threads is None:
-        return numba.get_num_threads()
-    n = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except Exception:
-        pass
-    return n
 
 
 def _log(quiet: bool, msg: str) -> None:
@@ -652,7 +198,7 @@ def run(
     if quick and tuple(classes) == DEFAULT_CLASSES:
         classes = QUICK_CLASSES
     target_bytes = QUICK_BYTES if quick else TARGET_BYTES
-    nthreads = _set_threads(threads)
+    nthreads = set_threads(threads)
     provs = make_providers(providers, device)
     provs.sort(key=lambda p: p.name not in ENGINE_PROVIDERS)  # engines first: the reference
     unavailable = {}
@@ -681,7 +227,7 @@ def run(
         itemsize = np.dtype(dtype).itemsize
         for C in classes:
             n = int(rows) if rows else rows_for(C, itemsize, target_bytes)
-            x, y = _make_case_data(n, C, dtype)
+            x, y = make_case_data(n, C, dtype)
             reps = repeats_large if (repeats_large and C >= 128256) else repeats
             for mode in modes:
                 case = Case(mode, dtype, x, y)
@@ -698,7 +244,7 @@ def run(
                 case_results = _run_case(
                     provs, unavailable, case, reps, roof, base, quiet, nthreads
                 )
-                _fill_ratios(case_results)
+                fill_ratios(case_results)
                 results.extend(case_results)
             del x, y
     if save:
@@ -720,171 +266,6 @@ def _warn_check(quiet: bool, rec: dict) -> None:
             f"  WARNING {rec['provider']} disagrees with the engine ({rec['mode']} "
             f"{rec['dtype']} {rec['rows']}x{rec['classes']}): {', '.join(bad)}",
         )
-
-
-def _fill_ratios(case_results: list[dict]) -> None:
-    for rec in case_results:
-        if rec["provider"] not in ENGINE_PROVIDERS or rec["gb_s"] is None:
-            continue
-        peers = [
-            r["gb_s"]
-            for r in case_results
-            if r["provider"] not in ENGINE_PROVIDERS
-            and r["device"] == rec["device"]
-            and r["gb_s"] is not None
-        ]
-        if peers:
-            rec["ratio_to_best_peer"] = rec["gb_s"] / max(peers)
-
-
-# -- output ------------------------------------------------------------------------------
-
-
-def _fmt(v, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
-def format_table(results: Sequence[dict]) -> str:
-    """Markdown: C, dtype, mode, rows, GB/s per provider, engine/best peer, roofline share."""
-    if not results:
-        return "(no results)"
-    providers = list(dict.fromkeys(r["provider"] for r in results))
-    measured = [p for p in providers if any(r["gb_s"] for r in results if r["provider"] == p)]
-    providers = measured or providers  # wholly skipped providers: footnote only
-    engines = [p for p in providers if p in ENGINE_PROVIDERS]
-    head = ["C", "dtype", "mode", "rows"] + [f"{p} GB/s" for p in providers]
-    for e in engines:
-        head.append("engine/best peer" if len(engines) == 1 else f"{e}/best peer")
-    for e in engines:
-        if e == "engine-cpu":
-            head.append("roofline share")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
-    keys = list(dict.fromkeys((r["dtype"], r["classes"], r["mode"]) for r in results))
-    by = {(r["dtype"], r["classes"], r["mode"], r["provider"]): r for r in results}
-    for key in keys:
-        dtype, C, mode = key
-        rows = next(r["rows"] for r in results if (r["dtype"], r["classes"], r["mode"]) == key)
-        cells = [str(C), dtype, mode, str(rows)]
-        for p in providers:
-            r = by.get((dtype, C, mode, p))
-            cells.append(_fmt(r and r["gb_s"], ".2f"))
-        for e in engines:
-            r = by.get((dtype, C, mode, e))
-            ratio = r and r["ratio_to_best_peer"]
-            cells.append("—" if ratio is None else f"{ratio:.2f}x")
-        if "engine-cpu" in engines:
-            r = by.get((dtype, C, mode, "engine-cpu"))
-            share = r and r["roofline_share"]
-            cells.append("—" if share is None else f"{share:.0%}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.extend(_footnotes(results))
-    return "\n".join(lines)
-
-
-def _footnotes(results: Sequence[dict]) -> list[str]:
-    notes = []
-    roof = {}
-    for r in results:
-        if r.get("roofline_gb_s") is not None:
-            roof["copy" if r["mode"] == "forward_grad" else "read"] = r["roofline_gb_s"]
-    if roof:
-        parts = [f"{k} {v:.2f} GB/s" for k, v in sorted(roof.items(), reverse=True)]
-        threads = next((r["threads"] for r in results if r["threads"]), None)
-        notes.append(f"Roofline ({threads} threads): " + ", ".join(parts) + ".")
-    seen = set()
-    firsts = []
-    for r in results:
-        if r["provider"] in ENGINE_PROVIDERS and r["first_call_s"] is not None:
-            k = (r["provider"], r["mode"], r["dtype"])
-            if k not in seen:
-                seen.add(k)
-                firsts.append(f"{r['provider']} {r['mode']} {r['dtype']} {r['first_call_s']:.3f} s")
-    if firsts:
-        notes.append("Engine first call (compile/cache load + one call): " + "; ".join(firsts))
-    skips = sorted({f"{r['provider']}: {r['status'][9:]}" for r in results if r["status"] != "ok"})
-    if skips:
-        notes.append("Skipped: " + "; ".join(skips) + ".")
-    bad = []
-    for r in results:
-        chk = r.get("check") or {}
-        tol = TOLERANCE.get(r["dtype"], 1e-5)
-        for k in ("loss_rel", "grad_rel"):
-            v = chk.get(k)
-            if v is not None and not v <= tol:
-                bad.append(f"{r['provider']} {r['mode']} {r['dtype']} C={r['classes']} {k}={v:.1e}")
-    if bad:
-        notes.append("Disagreements with the engine beyond tolerance: " + "; ".join(bad) + ".")
-    overflow = sorted(
-        {
-            f"{r['provider']} {r['mode']} {r['dtype']}"
-            for r in results
-            if "peer_loss_nonfinite" in (r.get("check") or {})
-        }
-    )
-    if overflow:
-        notes.append(
-            "Peer loss not finite where the engine's is (float16 reduction overflow): "
-            + "; ".join(overflow)
-            + "."
-        )
-    how = sorted({f"{r['provider']} {r['mode']}: {r['note']}" for r in results if r.get("note")})
-    if how:
-        notes.append("Notes: " + "; ".join(how) + ".")
-    return notes
-
-
-def save_results(results: Sequence[dict], directory: Path = RESULTS_DIR) -> None:
-    """Append measured rows to kernels.csv and draw kernels_<mode>_<dtype>.png."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CSV_PATH.name
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        w = csv.writer(fh)
-        if new:
-            w.writerow(CSV_COLUMNS)
-        for r in results:
-            if r["gb_s"] is None:
-                continue
-            w.writerow(["" if r[c] is None else r[c] for c in CSV_COLUMNS])
-    plot(results, directory)
-
-
-def plot(results: Sequence[dict], directory: Path = RESULTS_DIR) -> list[Path]:
-    """GB/s vs C (log x), one line per provider, one PNG per (mode, dtype)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        print("matplotlib missing: no PNG drawn", file=sys.stderr)
-        return []
-    written = []
-    for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in results):
-        sel = [r for r in results if (r["mode"], r["dtype"]) == (mode, dtype) and r["gb_s"]]
-        if not sel:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for p in dict.fromkeys(r["provider"] for r in sel):
-            pts = sorted((r["classes"], r["gb_s"]) for r in sel if r["provider"] == p)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=p)
-        ceil = next((r["roofline_gb_s"] for r in sel if r.get("roofline_gb_s")), None)
-        if ceil:
-            kind = "copy" if mode == "forward_grad" else "read"
-            ax.axhline(ceil, ls="--", color="grey", label=f"roofline ({kind})")
-        ax.set_xscale("log")
-        ax.set_xlabel("classes C")
-        ax.set_ylabel("GB/s (compulsory bytes)")
-        ax.set_title(f"cross-entropy {mode}, {dtype}, ~{sel[0]['bytes'] / 1e6:.0f} MB per call")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        out = directory / f"kernels_{mode}_{dtype}.png"
-        fig.tight_layout()
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        written.append(out)
-    return written
 
 
 # -- cold start --------------------------------------------------------------------------
@@ -943,31 +324,6 @@ def cold_start(
             res["process_s"] = wall
             runs.append(res)
     return {"empty_cache": runs[0], "warm_cache": runs[1]}
-
-
-def format_cold_start(res: dict) -> str:
-    cold, warm = res["empty_cache"], res["warm_cache"]
-    lines = [
-        "| kernel | dtype | compile (empty cache) s | first call, new process, warm cache s "
-        "| steady call s |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for c, w in zip(cold["calls"], warm["calls"], strict=True):
-        lines.append(
-            f"| {c['mode']} | {c['dtype']} | {c['first_s'] - c['second_s']:.3f} "
-            f"| {w['first_s']:.4f} | {w['second_s']:.5f} |"
-        )
-    total_c = sum(c["first_s"] for c in cold["calls"])
-    total_w = sum(w["first_s"] for w in warm["calls"])
-    lines += [
-        "",
-        f"`import engine`: {cold['import_s']:.3f} s (empty cache), {warm['import_s']:.3f} s "
-        f"(warm). All first calls: {total_c:.2f} s compiling vs {total_w:.3f} s from cache. "
-        f"Whole process: {cold['process_s']:.2f} s vs {warm['process_s']:.2f} s.",
-        "Compile = first call - second call in a process with an empty NUMBA_CACHE_DIR; "
-        "calls run in table order, so a kernel reuses helpers compiled by earlier rows.",
-    ]
-    return "\n".join(lines)
 
 
 # -- command line ------------------------------------------------------------------------
