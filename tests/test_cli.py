@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import cli
-from cli import main
 from engine import reference
+from engine.commands import bench as bench_cmd
+from engine.commands import main
+from engine.commands.output import JsonFile
 from engine.gen import generate
+from engine.progress import TerminalBar
 from tests.datagen import write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -470,7 +472,7 @@ def test_bench_passes_flags(monkeypatch):
         def format_table(results):
             return "TABLE"
 
-    monkeypatch.setattr(cli, "_import_bench", lambda: FakeKernels)
+    monkeypatch.setattr(bench_cmd, "import_bench", lambda: FakeKernels)
     r = ok("bench", "--rows", "128", "--classes", "10,1000", "--dtype", "float16", "--repeats", "2")
     assert r.stdout.strip() == "TABLE"
     assert calls["rows"] == 128 and calls["classes"] == [10, 1000]
@@ -482,7 +484,7 @@ def test_bench_passes_flags(monkeypatch):
 
 
 def test_bench_without_the_bench_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_REPO_ROOT", str(tmp_path))
+    monkeypatch.setattr(bench_cmd, "REPO_ROOT", str(tmp_path))
     for name in ("bench", "bench.kernels"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails
     user_error(run("bench"), "bench/")
@@ -514,7 +516,7 @@ def test_bench_real_run():
 
 def test_progress_bar_line():
     buf = io.StringIO()
-    bar = cli.Progress("eval", stream=buf, interval=0.0, width=200)
+    bar = TerminalBar("eval", stream=buf, interval=0.0, width=200)
     bar(250, 10_000_000, 1000)
     bar(500, 20_000_000, 1000)
     text = buf.getvalue()
@@ -522,7 +524,7 @@ def test_progress_bar_line():
     assert "50%" in text
     bar.close()
     assert buf.getvalue().endswith("\n")
-    unknown = cli.Progress("score", stream=io.StringIO(), interval=0.0)
+    unknown = TerminalBar("score", stream=io.StringIO(), interval=0.0)
     unknown(10, 0, None)
     assert "10 rows" in unknown.line()
 
@@ -535,10 +537,10 @@ def test_no_progress_bar_off_a_terminal(dataset):
 def test_json_file_is_atomic(tmp_path):
     target = tmp_path / "r.json"
     with pytest.raises(KeyboardInterrupt):
-        with cli.JsonFile(str(target)):
+        with JsonFile(str(target)):
             raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
-    with cli.JsonFile(str(target)) as f:
+    with JsonFile(str(target)) as f:
         f.commit({"loss": float("nan"), "n": np.int64(3)})
     assert json.loads(target.read_text()) == {"loss": None, "n": 3}
     assert os.listdir(tmp_path) == ["r.json"]
