@@ -1,4 +1,4 @@
-"""In-memory public API: cross_entropy, cross_entropy_grad, row_stats (SPEC §3).
+"""In-memory public API: cross_entropy, cross_entropy_grad, row_stats.
 
 Validation happens here, once; kernels receive a Problem of flat arrays. Reductions are
 applied here in float64 (the kernels return per-row values only).
@@ -31,7 +31,7 @@ _STORAGE_CODES = {
 
 @dataclass
 class RowStats:
-    """Per-row statistics; one array per field, one entry per row (SPEC §3)."""
+    """Per-row statistics; one array per field, one entry per row."""
 
     loss: np.ndarray
     lse: np.ndarray
@@ -184,7 +184,8 @@ def _setup(logits, target, options):
 
 
 def reduce_loss(ce_sum: float, z_sum: float, targets_weight: float, counted: int, reduction):
-    """mean/sum of SPEC §2 from float64 sums (z-loss term has its own denominator)."""
+    """PyTorch's mean (over the summed weights of the counted targets) or sum, from float64 sums
+    (the z-loss term has its own denominator: the counted rows)."""
     if reduction == "sum":
         return ce_sum + z_sum
     with np.errstate(all="ignore"):
@@ -215,7 +216,7 @@ def _finish(loss_rows, lse, targets, opts, bufs):
 
 
 def cross_entropy(logits, target, *, device: str = "cpu", **options):
-    """Cross-entropy of 2-D logits against class indices or probabilities (SPEC §2).
+    """Cross-entropy of 2-D logits against class indices or probabilities (as PyTorch).
 
     Returns a float (reduction mean/sum) or a per-row array (reduction none).
     """

@@ -38,7 +38,7 @@ def storage_kind(array_dtype: np.dtype, logits_dtype: str | None) -> str:
 
 
 def compute_dtype(kind: str) -> np.dtype:
-    """Arithmetic precision: float64 only for float64 input (SPEC §2)."""
+    """Arithmetic precision: float64 for float64 input, float32 for every other kind."""
     return np.dtype(np.float64 if kind == "float64" else np.float32)
 
 

@@ -28,7 +28,10 @@ def _normalise_kind(kind: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class LossOptions:
-    """Options of SPEC §2. ``weight`` is stored as a read-only float64 vector (or None)."""
+    """The loss options: PyTorch's CrossEntropyLoss, plus z-loss and softcap.
+
+    ``weight`` is stored as a read-only float64 vector (or None).
+    """
 
     weight: np.ndarray | None = None
     ignore_index: int = -100
