@@ -8,7 +8,7 @@ import sys
 import click
 
 from engine.commands.errors import XentCliError, debug_option, one_line
-from engine.commands.options import json_option, split_csv, split_ints
+from engine.commands.options import json_option, split_csv, split_ints, threads_option
 from engine.commands.output import to_json
 
 # bench/ sits beside engine/ in a source checkout
@@ -45,7 +45,7 @@ def import_bench():
     "--device", type=click.Choice(["cpu", "cuda", "all"]), default="cpu", show_default=True
 )
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@threads_option
 @click.option("--full", is_flag=True, help="All class counts and ~100 MB cases (slow).")
 @json_option
 @debug_option

@@ -10,7 +10,7 @@ import warnings
 import click
 
 from engine.commands.errors import debug_option
-from engine.commands.options import check_device
+from engine.commands.options import check_device, no_progress_option, threads_option
 from engine.commands.output import (
     format_bytes,
     format_report,
@@ -79,8 +79,8 @@ def _torch_comparison(path: str, device: str) -> list[str]:
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (Numba).")
-@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@threads_option
+@no_progress_option
 @debug_option
 def demo_cmd(rows, classes, device, threads, no_progress):
     """Generate a sample dataset and run eval and score on it (no data needed)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from engine.commands.errors import debug_option
-from engine.commands.options import json_option
+from engine.commands.options import json_option, no_progress_option
 from engine.commands.output import gen_summary, progress_bar, to_json, want_progress
 
 
@@ -48,7 +48,7 @@ from engine.commands.output import gen_summary, progress_bar, to_json, want_prog
     help="Rows per Parquet row group / IPC record batch (default ~1k, <= 4 MB).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@no_progress_option
 @json_option
 @debug_option
 def gen_cmd(output, rows, classes, dtype, layout, fmt, seed, ignore_frac, soft, **kw):

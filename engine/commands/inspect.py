@@ -7,7 +7,7 @@ import re
 import click
 
 from engine.commands.errors import debug_option
-from engine.commands.options import json_option
+from engine.commands.options import json_option, logits_dtype_option
 from engine.commands.output import format_bytes, num, to_json
 
 
@@ -87,12 +87,7 @@ def format_inspect(info: dict) -> str:
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
 @click.option("--logits", default="logits", show_default=True, help="Logits column or glob.")
 @click.option("--target", default=None, help="Target column (default: 'target' if present).")
-@click.option(
-    "--logits-dtype",
-    type=click.Choice(["bfloat16", "float16", "float32", "float64"]),
-    default=None,
-    help="Read 16-bit integer logits as bfloat16 bit patterns.",
-)
+@logits_dtype_option
 @click.option("--ignore-index", type=int, default=-100, show_default=True)
 @click.option(
     "--sample-rows",

@@ -116,6 +116,17 @@ def option_group(*decorators):
     return apply
 
 
+logits_dtype_option = click.option(
+    "--logits-dtype",
+    type=click.Choice(["bfloat16", "float16", "float32", "float64"]),
+    default=None,
+    help="Read 16-bit integer logits as bfloat16 bit patterns.",
+)
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (Numba)."
+)
+no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+
 source_options = option_group(
     click.option(
         "--logits",
@@ -188,12 +199,7 @@ loss_options = option_group(
         show_default=True,
         help="Rows with NaN/inf: stop with the row, drop and count them, or propagate NaN.",
     ),
-    click.option(
-        "--logits-dtype",
-        type=click.Choice(["bfloat16", "float16", "float32", "float64"]),
-        default=None,
-        help="Read 16-bit integer logits as bfloat16 bit patterns.",
-    ),
+    logits_dtype_option,
 )
 
 run_options = option_group(
@@ -204,16 +210,14 @@ run_options = option_group(
         show_default=True,
         help="Where kernels run (auto: CUDA when a GPU is present).",
     ),
-    click.option(
-        "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (Numba)."
-    ),
+    threads_option,
     click.option(
         "--chunk-rows",
         type=click.IntRange(min=1),
         default=None,
         help="Rows per chunk (default: about 64 MB of logits).",
     ),
-    click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
+    no_progress_option,
     click.option(
         "--dask",
         metavar="ADDRESS|local:N",
