@@ -98,6 +98,26 @@ def test_console_script():
     assert "0.7437" in p.stdout
 
 
+def test_console_script_entry_point(tmp_path):
+    """What `pip install .` makes the xent script run, run the same way (from elsewhere)."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert "py-modules" not in project.get("tool", {}).get("setuptools", {})  # no top-level cli
+    module, attr = project["project"]["scripts"]["xent"].split(":")
+    code = f"import sys; from {module} import {attr}; sys.exit({attr}(prog_name='xent'))"
+    p = subprocess.run(
+        [sys.executable, "-c", code, "explain", "--logits", "0,0,0,1", "--target", "3"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "0.7437" in p.stdout
+
+
 def test_sigint_during_score(tmp_path):
     """Ctrl-C mid-job: status 130, 'Interrupted', no output and no temporary file."""
     data = tmp_path / "data"
