@@ -1,4 +1,4 @@
-"""In-memory public API: cross_entropy, cross_entropy_grad, row_stats (SPEC §3).
+"""In-memory public API: cross_entropy, cross_entropy_grad, row_stats.
 
 Validation happens here, once; kernels receive a Problem of flat arrays. Reductions are
 applied here in float64 (the kernels return per-row values only).
@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from engine import dtypes, scratch
-from engine.errors import TargetOutOfRange
+from engine.errors import TargetOutOfRange, XentTypeError, XentUsageError
 from engine.kernels import (
     STORAGE_BF16_BITS,
     STORAGE_F16_BITS,
@@ -31,7 +31,7 @@ _STORAGE_CODES = {
 
 @dataclass
 class RowStats:
-    """Per-row statistics; one array per field, one entry per row (SPEC §3)."""
+    """Per-row statistics; one array per field, one entry per row."""
 
     loss: np.ndarray
     lse: np.ndarray
@@ -51,7 +51,7 @@ class RowStats:
 def resolve_device(device: str) -> str:
     """'cpu' | 'cuda' | 'auto' -> the backend name to use."""
     if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+        raise XentUsageError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device == "cpu":
         return "cpu"
     from engine.kernels import cuda as cuda_backend
@@ -96,21 +96,21 @@ def prepare_targets(
     w = opts.weight_for(c)
     if target.ndim == 2:
         if target.shape != (n, c):
-            raise ValueError(f"Expected target size {tuple((n, c))}, got {tuple(target.shape)}")
+            raise XentUsageError(f"Expected target size {tuple((n, c))}, got {tuple(target.shape)}")
         if not np.issubdtype(target.dtype, np.floating):
-            raise TypeError("probability targets must be floating point")
+            raise XentTypeError("probability targets must be floating point")
         t = np.ascontiguousarray(target, dtype=compute)
         return Targets(None, t, np.ones(n, dtype=bool), float(n), n)
     if target.ndim != 1:
-        raise ValueError(
+        raise XentUsageError(
             f"target must be 1-D (class indices) or 2-D (probabilities), got {target.ndim}-D"
         )
     if target.shape[0] != n:
-        raise ValueError(
+        raise XentUsageError(
             f"Expected input batch_size ({n}) to match target batch_size ({target.shape[0]})."
         )
     if not (np.issubdtype(target.dtype, np.integer) or target.dtype == bool):
-        raise TypeError(
+        raise XentTypeError(
             f"class-index targets must be integers, got {target.dtype} "
             "(2-D float targets are read as probabilities)"
         )
@@ -149,11 +149,11 @@ def prepare_targets(
 def make_problem(logits, targets: Targets, opts: LossOptions) -> Problem:
     x = np.asarray(logits)
     if x.ndim != 2:
-        raise ValueError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
+        raise XentUsageError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
     kind = dtypes.storage_kind(x.dtype, opts.logits_dtype)
     compute = dtypes.compute_dtype(kind)
     if x.shape[1] == 0:
-        raise ValueError("logits must have at least one class")
+        raise XentUsageError("logits must have at least one class")
     return Problem(
         x=x,
         storage=_STORAGE_CODES[kind],
@@ -176,7 +176,7 @@ def _setup(logits, target, options):
     opts = make_options(**options)
     x = np.asarray(logits)
     if x.ndim != 2:
-        raise ValueError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
+        raise XentUsageError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
     compute = _compute_dtype(x, opts)
     # the Targets of an API call never leave it: their arrays can be reused buffers
     targets = prepare_targets(target, x.shape[0], x.shape[1], opts, compute, reuse=True)
@@ -184,7 +184,8 @@ def _setup(logits, target, options):
 
 
 def reduce_loss(ce_sum: float, z_sum: float, targets_weight: float, counted: int, reduction):
-    """mean/sum of SPEC §2 from float64 sums (z-loss term has its own denominator)."""
+    """PyTorch's mean (over the summed weights of the counted targets) or sum, from float64 sums
+    (the z-loss term has its own denominator: the counted rows)."""
     if reduction == "sum":
         return ce_sum + z_sum
     with np.errstate(all="ignore"):
@@ -215,7 +216,7 @@ def _finish(loss_rows, lse, targets, opts, bufs):
 
 
 def cross_entropy(logits, target, *, device: str = "cpu", **options):
-    """Cross-entropy of 2-D logits against class indices or probabilities (SPEC §2).
+    """Cross-entropy of 2-D logits against class indices or probabilities (as PyTorch).
 
     Returns a float (reduction mean/sum) or a per-row array (reduction none).
     """
@@ -255,12 +256,12 @@ def row_scales(
         if g.ndim == 0:
             return np.full(1, float(g)), np.full(1, float(g))
         if g.shape != (n,):
-            raise ValueError(
+            raise XentUsageError(
                 f"grad_output must be a scalar or have {n} entries for reduction='none'"
             )
         return np.ascontiguousarray(g), np.ascontiguousarray(g)
     if g.ndim != 0:
-        raise ValueError(f"grad_output must be a scalar for reduction='{opts.reduction}'")
+        raise XentUsageError(f"grad_output must be a scalar for reduction='{opts.reduction}'")
     g = float(g)
     if opts.reduction == "sum":
         s = zs = g
@@ -290,12 +291,12 @@ def cross_entropy_grad(
     if out is None:
         out = np.empty(x.shape, dtype=problem.compute)
     elif out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, expected {x.shape}")
+        raise XentUsageError(f"out has shape {out.shape}, expected {x.shape}")
     elif not out.flags.writeable:
-        raise ValueError("out is read-only")
+        raise XentUsageError("out is read-only")
     elif np.may_share_memory(out, x) and not _same_array(out, x):
         # rows are computed in parallel: a shifted overlap would overwrite unread logits
-        raise ValueError("out overlaps the logits: pass out=logits (in place) or another array")
+        raise XentUsageError("out overlaps the logits: pass out=logits (in place) or another array")
     scale, zscale = row_scales(targets, opts, grad_output, x.shape[0])
     bufs = _row_buffers(problem, opts)
     loss_rows, lse = backend(device).forward_grad(problem, scale, zscale, out, **bufs)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.errors import XentTypeError
+
 BF16_METADATA_KEY = b"xent.dtype"
 BF16_METADATA_VALUE = b"bfloat16"
 
@@ -17,7 +19,9 @@ def storage_kind(array_dtype: np.dtype, logits_dtype: str | None) -> str:
     dt = np.dtype(array_dtype)
     if logits_dtype == "bfloat16":
         if dt not in (np.dtype(np.uint16), np.dtype(np.int16)):
-            raise TypeError(f"bfloat16 logits must be given as uint16/int16 bit patterns, got {dt}")
+            raise XentTypeError(
+                f"bfloat16 logits must be given as uint16/int16 bit patterns, got {dt}"
+            )
         return "bfloat16"
     if dt == np.float16:
         return "float16"
@@ -26,15 +30,15 @@ def storage_kind(array_dtype: np.dtype, logits_dtype: str | None) -> str:
     if dt == np.float64:
         return "float64"
     if dt in (np.dtype(np.uint16), np.dtype(np.int16)):
-        raise TypeError(
+        raise XentTypeError(
             f"logits are {dt}: if they are bfloat16 bit patterns, say so with "
             "logits_dtype='bfloat16' (--logits-dtype bfloat16)"
         )
-    raise TypeError(f"logits must be float16, float32, float64 or bfloat16 bits; got {dt}")
+    raise XentTypeError(f"logits must be float16, float32, float64 or bfloat16 bits; got {dt}")
 
 
 def compute_dtype(kind: str) -> np.dtype:
-    """Arithmetic precision: float64 only for float64 input (SPEC §2)."""
+    """Arithmetic precision: float64 for float64 input, float32 for every other kind."""
     return np.dtype(np.float64 if kind == "float64" else np.float32)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine import reference
+from engine.errors import XentUsageError
+from engine.inspection import looks_like_probabilities
 from engine.options import make_options
 
 KIND_TITLES = {
@@ -184,30 +186,30 @@ def explain(
     x = np.asarray(logits, dtype=np.float64).reshape(-1)
     c = x.shape[0]
     if c == 0:
-        raise ValueError("logits must hold at least one number")
+        raise XentUsageError("logits must hold at least one number")
     if (target is None) == (target_probs is None):
-        raise ValueError("give a target class (--target) or probabilities (--target-probs)")
+        raise XentUsageError("give a target class (--target) or probabilities (--target-probs)")
     kind = _parse_kind(input_kind)
     opts = {"input_kind": kind, "label_smoothing": float(label_smoothing)}
     w = None
     if weight is not None:
         w = np.asarray(weight, dtype=np.float64).reshape(-1)
         if w.shape[0] != c:
-            raise ValueError(f"weight has {w.shape[0]} numbers, but there are {c} classes")
+            raise XentUsageError(f"weight has {w.shape[0]} numbers, but there are {c} classes")
         opts["weight"] = w
     make_options(**opts).check_classes(c)  # validates every option once
     if target is not None:
         target = int(target)
         if not 0 <= target < c:
-            raise ValueError(f"target {target} is out of range for {c} classes (0..{c - 1})")
+            raise XentUsageError(f"target {target} is out of range for {c} classes (0..{c - 1})")
         tgt = np.array([target], dtype=np.int64)
         t = None
     else:
         t = np.asarray(target_probs, dtype=np.float64).reshape(-1)
         if t.shape[0] != c:
-            raise ValueError(f"target probabilities have {t.shape[0]} numbers, expected {c}")
+            raise XentUsageError(f"target probabilities have {t.shape[0]} numbers, expected {c}")
         if np.any(t < 0) or not np.all(np.isfinite(t)):
-            raise ValueError("target probabilities must be finite numbers >= 0")
+            raise XentUsageError("target probabilities must be finite numbers >= 0")
         tgt = t[None, :]
 
     rows = x[None, :]
@@ -347,15 +349,11 @@ def _general_steps(ex: Explanation, p, logp, t, w) -> list[str]:
     return s
 
 
-def _looks_like_probs(x: np.ndarray) -> bool:
-    return bool(np.all((x >= 0) & (x <= 1)) and abs(float(np.sum(x)) - 1.0) <= 1e-3)
-
-
 def _notes(ex: Explanation, x, p) -> list[str]:
     notes: list[str] = []
     y = ex.target
     if ex.input_kind == "logits":
-        if _looks_like_probs(x) and y is not None and ex.label_smoothing == 0.0:
+        if looks_like_probabilities(x) and y is not None and ex.label_smoothing == 0.0:
             probs_loss = float(-np.log(max(x[y], np.finfo(np.float64).tiny)))
             notes.append(
                 f"Why is this not {fmt(probs_loss)}? CrossEntropyLoss applies softmax to its "

@@ -26,7 +26,7 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from engine.dtypes import BF16_METADATA_KEY, BF16_METADATA_VALUE, float32_to_bf16_bits
-from engine.errors import XentInputError
+from engine.errors import XentInputError, XentUsageError
 
 DTYPES = ("float32", "float16", "float64", "bfloat16")
 LAYOUTS = ("fixed_size_list", "list", "large_list", "tensor", "wide")
@@ -81,7 +81,7 @@ def _norm(value: str, allowed: tuple[str, ...], aliases: dict, what: str) -> str
     v = str(value).strip().lower()
     v = aliases.get(v, v)
     if v not in allowed:
-        raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+        raise XentUsageError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
     return v
 
 
@@ -286,20 +286,20 @@ def generate(
     fmt = _norm(format, FORMATS, _FORMAT_ALIASES, "format")
     rows, classes = int(rows), int(classes)
     if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
+        raise XentUsageError(f"rows must be >= 1, got {rows}")
     if classes < 1:
-        raise ValueError(f"classes must be >= 1, got {classes}")
+        raise XentUsageError(f"classes must be >= 1, got {classes}")
     if not 0.0 <= float(ignore_frac) <= 1.0:
-        raise ValueError(f"ignore fraction must be between 0 and 1, got {ignore_frac}")
+        raise XentUsageError(f"ignore fraction must be between 0 and 1, got {ignore_frac}")
     if soft and ignore_frac > 0:
-        raise ValueError(
+        raise XentUsageError(
             "--ignore-frac has no meaning with --soft: probability targets are never ignored"
         )
     if row_group_rows is None:
         row_group_rows = default_row_group_rows(classes, dtype)
     row_group_rows = int(row_group_rows)
     if row_group_rows < 1:
-        raise ValueError(f"row group size must be >= 1, got {row_group_rows}")
+        raise XentUsageError(f"row group size must be >= 1, got {row_group_rows}")
     if os.path.isdir(path):
         raise XentInputError("is a directory; give a file name for the output", file=path)
     if os.path.exists(path) and not overwrite:

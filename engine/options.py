@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from engine.errors import XentTypeError, XentUsageError
+
 REDUCTIONS = ("none", "mean", "sum")
 INPUT_KINDS = ("logits", "log_probs", "probs")
 LOGITS_DTYPES = (None, "float16", "float32", "float64", "bfloat16")
@@ -26,7 +28,10 @@ def _normalise_kind(kind: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class LossOptions:
-    """Options of SPEC §2. ``weight`` is stored as a read-only float64 vector (or None)."""
+    """The loss options: PyTorch's CrossEntropyLoss, plus z-loss and softcap.
+
+    ``weight`` is stored as a read-only float64 vector (or None).
+    """
 
     weight: np.ndarray | None = None
     ignore_index: int = -100
@@ -39,44 +44,46 @@ class LossOptions:
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"{self.reduction} is not a valid value for reduction")
+            raise XentUsageError(f"{self.reduction} is not a valid value for reduction")
         kind = _normalise_kind(self.input_kind)
         if kind not in INPUT_KINDS:
-            raise ValueError(
+            raise XentUsageError(
                 f"input_kind must be one of logits, log_probs, probs; got {self.input_kind!r}"
             )
         object.__setattr__(self, "input_kind", kind)
         eps = float(self.label_smoothing)
         if not (0.0 <= eps <= 1.0):
-            raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps}")
+            raise XentUsageError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps}")
         object.__setattr__(self, "label_smoothing", eps)
         zeta = float(self.z_loss)
         if not (zeta >= 0.0 and np.isfinite(zeta)):
-            raise ValueError(f"z_loss must be a finite number >= 0. Got: {self.z_loss}")
+            raise XentUsageError(f"z_loss must be a finite number >= 0. Got: {self.z_loss}")
         object.__setattr__(self, "z_loss", zeta)
         if self.softcap is not None:
             cap = float(self.softcap)
             if not (cap > 0.0 and np.isfinite(cap)):
-                raise ValueError(f"softcap must be a finite number > 0. Got: {self.softcap}")
+                raise XentUsageError(f"softcap must be a finite number > 0. Got: {self.softcap}")
             object.__setattr__(self, "softcap", cap)
         if kind != "logits" and (self.z_loss > 0.0 or self.softcap is not None):
-            raise ValueError("z_loss and softcap act on raw logits; they need input_kind='logits'")
+            raise XentUsageError(
+                "z_loss and softcap act on raw logits; they need input_kind='logits'"
+            )
         if isinstance(self.ignore_index, bool) or not isinstance(
             self.ignore_index, (int, np.integer)
         ):
-            raise TypeError(f"ignore_index must be an integer, got {self.ignore_index!r}")
+            raise XentTypeError(f"ignore_index must be an integer, got {self.ignore_index!r}")
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         if self.logits_dtype not in LOGITS_DTYPES:
-            raise ValueError(
+            raise XentUsageError(
                 f"logits_dtype must be one of float16, float32, float64, bfloat16; "
                 f"got {self.logits_dtype!r}"
             )
         if self.weight is not None:
             w = np.array(self.weight, dtype=np.float64).reshape(-1)
             if w.ndim != 1:
-                raise ValueError("weight must be a 1-D vector of class weights")
+                raise XentUsageError("weight must be a 1-D vector of class weights")
             if not np.all(np.isfinite(w)):
-                raise ValueError("weight must hold finite numbers")
+                raise XentUsageError("weight must hold finite numbers")
             w.setflags(write=False)
             object.__setattr__(self, "weight", w)
 
@@ -100,7 +107,7 @@ class LossOptions:
 
     def check_classes(self, classes: int) -> None:
         if self.weight is not None and self.weight.shape[0] != classes:
-            raise ValueError(
+            raise XentUsageError(
                 f"weight tensor should be defined either for all {classes} classes or no "
                 f"classes but got weight tensor of shape: [{self.weight.shape[0]}]"
             )
@@ -138,7 +145,7 @@ def make_options(options: LossOptions | None = None, **kwargs) -> LossOptions:
     """Build LossOptions from keyword arguments (API style), or refine given ones."""
     unknown = set(kwargs) - set(OPTION_NAMES)
     if unknown:
-        raise TypeError(f"unexpected loss option(s): {', '.join(sorted(unknown))}")
+        raise XentTypeError(f"unexpected loss option(s): {', '.join(sorted(unknown))}")
     if options is None:
         return LossOptions(**kwargs)
     return replace(options, **kwargs) if kwargs else options

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from cli import main
+from engine.commands import main
 from engine.explain import explain, fmt, fmt_vec
 
 

@@ -1,0 +1,44 @@
+"""`xent score`: per-row loss, log-prob, prediction, confidence and entropy, to a file."""
+
+from __future__ import annotations
+
+import click
+
+from engine.commands.options import (
+    json_option,
+    loss_options,
+    run_options,
+    source_options,
+    split_names,
+)
+from engine.commands.rowfile import run_output_job
+
+
+@click.command("score")
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("-o", "--output", required=True, help="Output file (.parquet or .arrow).")
+@click.option(
+    "--keep", multiple=True, callback=split_names, help="Input columns to copy (a,b,...)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted job's output.")
+@source_options
+@loss_options
+@run_options
+@json_option
+def score_cmd(sources, output, keep, overwrite, resume, as_json, **kw):
+    """Per-row loss, log-prob, prediction, confidence and entropy, written to a file."""
+    import engine
+
+    run_output_job(
+        engine.score,
+        "score",
+        "scored",
+        sources,
+        output,
+        as_json,
+        kw,
+        keep=keep,
+        overwrite=overwrite,
+        resume=resume,
+    )
