@@ -19,6 +19,7 @@ from engine.kernels import (
     Problem,
     sum_blocks,
 )
+from engine.metrics import reduce_loss
 from engine.options import LossOptions, make_options
 
 _STORAGE_CODES = {
@@ -181,18 +182,6 @@ def _setup(logits, target, options):
     # the Targets of an API call never leave it: their arrays can be reused buffers
     targets = prepare_targets(target, x.shape[0], x.shape[1], opts, compute, reuse=True)
     return opts, x, targets, make_problem(x, targets, opts)
-
-
-def reduce_loss(ce_sum: float, z_sum: float, targets_weight: float, counted: int, reduction):
-    """PyTorch's mean (over the summed weights of the counted targets) or sum, from float64 sums
-    (the z-loss term has its own denominator: the counted rows)."""
-    if reduction == "sum":
-        return ce_sum + z_sum
-    with np.errstate(all="ignore"):
-        value = ce_sum / targets_weight if targets_weight != 0 else float("nan")
-        if z_sum != 0.0:
-            value += z_sum / counted if counted else float("nan")
-    return float(value)
 
 
 def split_z(loss_rows, lse, targets, opts):

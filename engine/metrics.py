@@ -198,9 +198,10 @@ def reduce_loss(ce_sum: float, z_sum: float, weight_sum: float, counted: int, re
     Σ w[y] (NaN when nothing is counted), the z-loss term over the counted rows."""
     if reduction == "sum":
         return ce_sum + z_sum
-    value = ce_sum / weight_sum if weight_sum != 0 else math.nan
-    if z_sum != 0.0:
-        value += z_sum / counted if counted else math.nan
+    with np.errstate(all="ignore"):  # NumPy scalars may come in: inf, never a warning
+        value = ce_sum / weight_sum if weight_sum != 0 else math.nan
+        if z_sum != 0.0:
+            value += z_sum / counted if counted else math.nan
     return float(value)
 
 

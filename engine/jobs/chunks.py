@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from engine import api, dtypes
 from engine.errors import TargetOutOfRange, XentInputError
+from engine.inspection import looks_like_probabilities
 from engine.io import Chunk, Source, sinks
 from engine.jobs.spec import JobSpec
 from engine.metrics import MetricState
@@ -96,10 +97,7 @@ def probability_warning(chunk: Chunk, spec: JobSpec) -> str | None:
     if spec.opts.input_kind != "logits" or chunk.num_rows == 0:
         return None
     sample = dtypes.decode(np.asarray(chunk.logits[:256]), spec.opts.logits_dtype)
-    sample = sample.astype(np.float64)
-    if not np.all(np.isfinite(sample)):
-        return None
-    if sample.min() >= 0.0 and sample.max() <= 1.0 and np.allclose(sample.sum(1), 1.0, atol=1e-3):
+    if looks_like_probabilities(sample):
         return (
             f"{chunk.file}: the logits look like probabilities (each row in [0, 1], summing "
             "to 1). Cross-entropy applies softmax to its input; if these are softmax "

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from engine import api
 from engine.atomic import is_temp_name
-from engine.errors import XentInputError
+from engine.errors import XentInputError, XentUsageError
 from engine.io import Fragment, Source, open_fragment, sinks
 from engine.jobs.chunks import (
     GradSums,
@@ -208,7 +208,7 @@ def fragment_rows(src: Source, total_threads: int, override=None) -> int:
         override = env_number("XENT_DASK_FRAGMENT_ROWS", None, int)
     if override is not None:
         if int(override) < 1:
-            raise ValueError("fragment_rows must be >= 1")
+            raise XentUsageError("fragment_rows must be >= 1")
         return int(override)
     row_bytes = max(1, (src.num_classes or 1) * src.logits_dtype_numpy.itemsize)
     rows = src.num_rows

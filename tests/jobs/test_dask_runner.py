@@ -97,7 +97,7 @@ def _assert_same(local, remote, path="report"):
         for key in set(local) - TIMING:
             _assert_same(local[key], remote[key], f"{path}.{key}")
     elif isinstance(local, list) and isinstance(remote, list) and len(local) == len(remote):
-        for i, (a, b) in enumerate(zip(local, remote)):
+        for i, (a, b) in enumerate(zip(local, remote, strict=True)):
             _assert_same(a, b, f"{path}[{i}]")
     elif isinstance(local, float) and remote is not None:
         assert math.isclose(local, remote, rel_tol=1e-12, abs_tol=0.0), (path, local, remote)
