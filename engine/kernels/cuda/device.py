@@ -437,7 +437,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
         at = ZERO  # Σ_{t>0} t (u - m): soft target log-prob
         bt = ZERO
         kls = ZERO  # Σ_{t>0} t log t
-        cnt = ZERO  # classes ranked above the target
+        cnt = ZERO  # classes ranked before the target: greater, or equal at a lower index
         av = NEG_INF
         ai = 0
         for j in range(lane, stop, T):
@@ -465,7 +465,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
             if xv > av:
                 av = xv
                 ai = j
-            if xv > xcls:
+            if xv > xcls or (xv == xcls and j < cls):
                 cnt = cnt + ONE
 
         M, owner = rargmax(m, lane, sh, shi, T)
