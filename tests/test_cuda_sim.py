@@ -81,13 +81,13 @@ _PTX_SCRIPT = textwrap.dedent(
     import numpy as np
     from numba import cuda, types as T
     import numba.cuda.dispatcher as dispatcher
-    import engine.kernels.cuda as K
+    import engine.kernels.cuda.device as D
 
     class _Hopper:  # device functions ask the current device for its compute capability
         compute_capability = (9, 0)
 
     dispatcher.get_current_device = lambda: _Hopper()
-    K._build()
+    D.build()
 
     def sigs(F, X):
         a1, a2 = T.Array(F, 1, "C"), T.Array(F, 2, "C")
@@ -104,7 +104,7 @@ _PTX_SCRIPT = textwrap.dedent(
     variants = [(False, T.float32, T.float32), (False, T.float32, T.float16),
                 (True, T.float32, T.uint16), (False, T.float64, T.float64)]
     for bf16, F, X in variants:
-        kernels = K._kernels(bf16, np.dtype(str(F)))
+        kernels = D.kernels(bf16, np.dtype(str(F)))
         for name, kernel, sig in zip(("loss", "stats"), kernels, sigs(F, X)):
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
             assert "shfl.sync" in ptx, name

@@ -5,7 +5,7 @@ Shapes are small because the simulator runs every CUDA thread as a Python thread
 launch configuration is set so that C <= 64 takes the warp-per-row shape and C > 64 the
 block-per-row shape with several warps (shared-memory stage included).
 
-Tolerances are SPEC §2's: float32 compute within 2e-6 relative (loss) and 1e-6·max|g|
+Tolerances: float32 compute within 2e-6 relative (loss) and 1e-6·max|g|
 absolute (gradient) of float64; the reference sees the same rounded inputs as the kernel.
 """
 
@@ -34,7 +34,7 @@ def launch(monkeypatch):
         if SIM
         else K.LaunchConfig(warp_max_classes=WARP_MAX)
     )
-    monkeypatch.setattr(K, "LAUNCH", cfg)
+    monkeypatch.setattr(K.driver, "LAUNCH", cfg)
     return cfg
 
 
@@ -297,6 +297,61 @@ def test_bf16_decoder_is_exact():
     np.testing.assert_array_equal(lse, want)  # exact (-0.0 + log1p(0) is +0.0, equal)
 
 
+# -- ties -----------------------------------------------------------------------------------
+
+
+def tie_rank(x, cls):
+    """The tie rule, computed here: #{j: x_j > x_y} + #{j < y: x_j == x_y}; the prediction
+    is the first maximal index (torch.argmax), and a top-k hit is rank < k."""
+    x = np.asarray(x, dtype=np.float64)
+    rows = np.arange(len(x))
+    xy = x[rows, cls][:, None]
+    before = np.arange(x.shape[1])[None, :] < cls[:, None]
+    return np.sum(x > xy, axis=1) + np.sum((x == xy) & before, axis=1)
+
+
+def tied_logits(rng, rows, classes):
+    """float32 values from a handful of levels (and -inf), so every row is full of ties;
+    near-equal pairs that only become equal once rounded to 16 bits; one constant row."""
+    x = (rng.integers(-3, 4, (rows, classes)) * 0.75).astype(np.float32)
+    x[0] = 1.5  # every class tied
+    x[1, ::5] = -np.inf  # masked classes tie with each other
+    x[2, 1::2] += np.float32(1e-3)  # equal to x[2, 0::2] in float16 and bfloat16
+    return x
+
+
+@pytest.mark.parametrize("classes", [33, 130])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_target_rank_ties(rng, dtype, classes):
+    rows = 6
+    x32 = tied_logits(rng, rows, classes)
+    if dtype == "float16":
+        logits, opts = x32.astype(np.float16), {}
+        values = logits.astype(np.float64)
+    else:
+        logits, opts = dtypes.float32_to_bf16_bits(x32), dict(logits_dtype="bfloat16")
+        values = dtypes.bf16_bits_to_float32(logits).astype(np.float64)
+    y = rng.integers(0, classes, rows)
+    y[0] = classes - 1  # every class tied: rank = y
+    y[1] = 6  # a finite target among masked classes
+    y[3] = -100
+    st = K.stats(problem(logits, y, **opts))
+    counted = y != -100
+    want = np.where(counted, tie_rank(values, np.where(counted, y, 0)), -1)
+    np.testing.assert_array_equal(st["target_rank"], want)
+    assert st["target_rank"][0] == classes - 1
+    np.testing.assert_array_equal(st["argmax"], np.argmax(values, axis=1))
+    hit1 = (st["argmax"] == y)[counted]
+    np.testing.assert_array_equal(hit1, (st["target_rank"] == 0)[counted])
+
+    # soft targets: the ranked class is the target row's first maximal index
+    t = soft_targets(rng, rows, classes)
+    t[:, :3] = t.max(axis=1, keepdims=True)  # the target row's maximum is tied too
+    t = t / t.sum(axis=1, keepdims=True)
+    st = K.stats(problem(logits, t, **opts))
+    np.testing.assert_array_equal(st["target_rank"], tie_rank(values, np.argmax(t, axis=1)))
+
+
 # -- special values -------------------------------------------------------------------------
 
 
@@ -479,7 +534,7 @@ def test_against_torch(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_llm_shape_on_gpu(rng, launch, monkeypatch, dtype):
-    monkeypatch.setattr(K, "LAUNCH", K.LaunchConfig(chunk_bytes=64 << 20))
+    monkeypatch.setattr(K.driver, "LAUNCH", K.LaunchConfig(chunk_bytes=64 << 20))
     x, y = inputs(rng, 3 * 423, 32000)
     y[::7] = -100
     if dtype == "bfloat16":

@@ -1,21 +1,15 @@
-"""Numba CUDA twins of the row kernels, and the host driver that streams a Problem through them.
+"""The CUDA kernels: type-generic device helpers and the factory of the row kernels.
 
-Three layers (stumpy's habit): plain ``@cuda.jit`` kernels, a host driver that moves data and
-launches (:func:`forward`, :func:`forward_grad`, :func:`stats`, the contract of
-``engine/kernels/__init__.py``), and the public API elsewhere that validates.
-
-Launch configuration
---------------------
 ``T`` threads cooperate on one row; lane ``l`` reads classes ``l, l+T, l+2T, ...`` so a warp's
 32 loads of one step are 32 consecutive elements (coalesced, 64/128/256-byte transactions).
+The driver picks the shape (``driver.launch_shape``):
 
-- small C (``C <= LaunchConfig.warp_max_classes``, 1024): a warp per row (``T = 32``),
-  ``rows_per_block`` (8) rows per 256-thread block, grid = ceil(rows / 8). Reductions are
-  five ``shfl_xor`` steps, no shared memory and no block barrier.
-- large C: one block per row, ``T`` = 128..1024 threads (at least ~16 classes per thread),
-  grid = rows. Reductions: ``shfl_xor`` butterfly inside each warp, then one shared-memory
-  slot per warp and a barrier; every thread folds the (at most 32) warp partials in the same
-  order, so every thread of the row holds bit-identical row results (pass 2 needs them).
+- small C: a warp per row (``T = 32``), several rows per block. Reductions are five
+  ``shfl_xor`` steps, no shared memory and no block barrier.
+- large C: one block per row, ``T`` = 128..1024 threads. Reductions: ``shfl_xor`` butterfly
+  inside each warp, then one shared-memory slot per warp and a barrier; every thread folds
+  the (at most 32) warp partials in the same order, so every thread of the row holds
+  bit-identical row results (pass 2 needs them).
 
 Pass 1 is one read of the row with an *online* max/sum per thread (Milakov & Gimelshein):
 ``m`` the running max and ``s = Σ exp(u - m)`` over the thread's elements *except one
@@ -47,178 +41,28 @@ C·(s + F) from HBM when pass 2 hits L2, about 11 M rows/s for float32. Small C 
 latency- rather than bandwidth-bound. These are estimates from the byte count, not
 measurements; ``bench/`` measures.
 
-The host driver moves NumPy arrays over PCIe (~25-50 GB/s), an order of magnitude below
-HBM: end to end, a host-resident Problem is transfer-bound. The driver therefore splits
-the rows into chunks (device memory bounded by ``LaunchConfig.chunk_bytes`` per slot), keeps
-two pinned host staging slots and two streams, and enqueues chunk k+1's host→device copy
-while chunk k's kernel runs; only per-row results (and the gradient when asked) come back.
-Gradients are computed and copied back in the compute dtype and narrowed on the host for
-float16/bfloat16 ``out`` buffers.
-
-Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernels run as Python threads.
-The simulator has no warp shuffles: there each warp reduction gathers the 32 lane values
-through the block (one barrier) and replays the same xor butterfly, so results have the bits
-the shuffles give. This is valid because every kernel keeps block-uniform control flow
-around its reductions (padding rows of the last block take part with no data and return
-only after the last barrier).
+Under the simulator the same kernels run, with the warp reductions of :mod:`.sim`.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
-from engine import dtypes
-from engine.kernels import (
-    STORAGE_BF16_BITS,
-    STORAGE_F16_BITS,
-    STORAGE_NATIVE,
-    Problem,
-    block_sums_on_host,
-)
+import engine.kernels.cuda.sim as sim
 
-NO_CUDA_MESSAGE = "CUDA requested but no CUDA device/driver was found"
-
-__all__ = [
-    "LaunchConfig",
-    "NO_CUDA_MESSAGE",
-    "forward",
-    "forward_grad",
-    "is_available",
-    "launch_shape",
-    "release_buffers",
-    "simulated",
-    "stats",
-]
-
-
-@dataclass
-class LaunchConfig:
-    """Tunables of the launch shape and of the host pipeline."""
-
-    warp_max_classes: int = 1024  # C at or below this: a warp per row
-    rows_per_block: int = 8  # warps (rows) per block in the warp-per-row shape
-    max_block_threads: int = 1024  # threads per row in the block-per-row shape
-    chunk_bytes: int = 128 << 20  # device bytes per pipeline slot (two slots)
-
-
-# Python threads are expensive in the simulator: smaller blocks, same code paths.
-_SIM_LAUNCH = LaunchConfig(rows_per_block=2, max_block_threads=64, chunk_bytes=64 << 20)
-_GPU_LAUNCH = LaunchConfig()
-
-# Set this (tests, benchmarks) to override the platform default.
-LAUNCH: LaunchConfig | None = None
+__all__ = ["build", "kernels"]
 
 # numba.cuda, bound on first use: importing it costs ~0.5 s and must not happen on import.
 cuda = None
 _BUILD_LOCK = threading.Lock()
-_RUN_LOCK = threading.Lock()
 _DEV: dict | None = None
 _KERNELS: dict = {}
 
 
-# --------------------------------------------------------------------------- availability
-
-
-def simulated() -> bool:
-    """True when Numba's CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)."""
-    try:
-        from numba.cuda.core import config
-    except Exception:  # pragma: no cover - older numba-cuda layouts
-        try:
-            from numba import config
-        except Exception:
-            return False
-    return bool(getattr(config, "ENABLE_CUDASIM", 0))
-
-
-def is_available() -> bool:
-    """True when a CUDA device and driver (or the simulator) can run these kernels."""
-    try:
-        from numba import cuda as _cuda
-    except Exception:
-        return False
-    try:
-        return bool(_cuda.is_available())
-    except Exception:
-        return False
-
-
-def _require() -> None:
-    if not is_available():
-        raise RuntimeError(NO_CUDA_MESSAGE)
-    _build()
-
-
-def _launch_config() -> LaunchConfig:
-    if LAUNCH is not None:
-        return LAUNCH
-    return _SIM_LAUNCH if simulated() else _GPU_LAUNCH
-
-
-def _row_threads(classes: int, cfg: LaunchConfig) -> int:
-    limit = max(32, min(1024, cfg.max_block_threads) // 32 * 32)
-    t = min(128, limit)
-    while t < limit and t * 16 < classes:
-        t *= 2
-    return min(t, limit)
-
-
-def launch_shape(rows: int, classes: int, cfg: LaunchConfig | None = None):
-    """(grid, block, threads per row) for a chunk of ``rows`` rows of ``classes`` classes."""
-    cfg = cfg or _launch_config()
-    if classes <= cfg.warp_max_classes:
-        per_block = max(1, cfg.rows_per_block)
-        return (rows + per_block - 1) // per_block, 32 * per_block, 32
-    t = _row_threads(classes, cfg)
-    return rows, t, t
-
-
-# --------------------------------------------------------------------------- device code
-
-
-def _sim_warp_values(value):
-    """Simulator: the values of the 32 lanes of the calling thread's warp (one barrier).
-
-    The simulator has no warp shuffles. Two mailboxes are used alternately: a thread writes
-    the next exchange's box only after passing this exchange's barrier, which every thread
-    passes only after the previous exchange's reads are done. Every thread of the block must
-    call it the same number of times (the kernels keep block-uniform control flow around
-    reductions for this reason).
-    """
-    th = threading.current_thread()
-    turn = getattr(th, "_xent_turn", 0)
-    th._xent_turn = turn ^ 1
-    boxes = th._manager.__dict__.setdefault("_xent_lanes", ({}, {}))
-    box = boxes[turn]
-    box[th.thread_id] = value
-    th.syncthreads()
-    base = th.thread_id - th.thread_id % 32
-    return [box[base + lane] for lane in range(32)], th.thread_id % 32
-
-
-def _sim_butterfly(value, op):
-    """Replays the five shfl_xor steps of the GPU code on the gathered lane values, so
-    the result has the same bits as the shuffles would give (op(own, partner) order)."""
-    cur, lane = _sim_warp_values(value)
-    for k in (16, 8, 4, 2, 1):
-        cur = [op(cur[i], cur[i ^ k]) for i in range(32)]
-    return cur[lane]
-
-
-def _sim_sum3(a, b):
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
-
-
-def _sim_argmax(a, b):
-    return b if (b[0] > a[0] or (b[0] == a[0] and b[1] < a[1])) else a
-
-
-def _build() -> None:
+def build() -> None:
     """Import numba.cuda and define the type-generic device helpers (once)."""
     global cuda, _DEV
     if _DEV is not None:
@@ -231,13 +75,13 @@ def _build() -> None:
         cuda = _cuda
         dev = {}
 
-        if simulated():
+        if sim.simulated():
 
             def wsum3(a, b, c):
-                return _sim_butterfly((a, b, c), _sim_sum3)
+                return sim.butterfly((a, b, c), sim.sum3)
 
             def wargmax(v, i):
-                return _sim_butterfly((v, i), _sim_argmax)
+                return sim.butterfly((v, i), sim.argmax)
 
         else:
 
@@ -324,7 +168,7 @@ def _build() -> None:
         _DEV = dev
 
 
-def _kernels(bf16: bool, compute: np.dtype):
+def kernels(bf16: bool, compute: np.dtype):
     """(loss_kernel, stats_kernel) for one logits encoding and compute precision."""
     key = (bool(bf16), np.dtype(compute).name)
     if key in _KERNELS:
@@ -593,7 +437,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
         at = ZERO  # Σ_{t>0} t (u - m): soft target log-prob
         bt = ZERO
         kls = ZERO  # Σ_{t>0} t log t
-        cnt = ZERO  # classes ranked above the target
+        cnt = ZERO  # classes ranked before the target: greater, or equal at a lower index
         av = NEG_INF
         ai = 0
         for j in range(lane, stop, T):
@@ -621,7 +465,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
             if xv > av:
                 av = xv
                 ai = j
-            if xv > xcls:
+            if xv > xcls or (xv == xcls and j < cls):
                 cnt = cnt + ONE
 
         M, owner = rargmax(m, lane, sh, shi, T)
@@ -678,255 +522,3 @@ def _make_kernels(bf16: bool, compute: np.dtype):
                 kl_out[r] = KLS - tlp
 
     return loss_kernel, stats_kernel
-
-
-# --------------------------------------------------------------------------- host driver
-
-
-class _Pool:
-    """Pinned host and device buffers kept between calls (allocating pinned memory is slow).
-
-    A buffer is reused when its dtype and trailing shape match and it has enough rows;
-    the pool holds at most one buffer per (name, slot), so memory stays bounded by the
-    largest chunk seen. :func:`release_buffers` frees everything.
-    """
-
-    def __init__(self):
-        self._bufs: dict = {}
-
-    def get(self, name, slot, shape, dtype, pinned):
-        dtype = np.dtype(dtype)
-        key = (name, slot, pinned)
-        buf = self._bufs.get(key)
-        if (
-            buf is None
-            or buf.dtype != dtype
-            or tuple(buf.shape[1:]) != tuple(shape[1:])
-            or buf.shape[0] < shape[0]
-        ):
-            self._bufs.pop(key, None)
-            alloc = cuda.pinned_array if pinned else cuda.device_array
-            buf = alloc(shape, dtype=dtype)
-            self._bufs[key] = buf
-        return buf
-
-    def clear(self):
-        self._bufs.clear()
-
-
-_POOL = _Pool()
-
-
-def release_buffers() -> None:
-    """Free the pinned host and device staging buffers kept between calls."""
-    with _RUN_LOCK:
-        _POOL.clear()
-
-
-def _grad_writer(out: np.ndarray, p: Problem):
-    """A function storing a compute-dtype gradient chunk into rows of ``out``."""
-    dt = out.dtype
-    if dt in (np.float16, np.float32, np.float64):
-        return lambda dst, g: np.copyto(dst, g, casting="unsafe")
-    if dt in (np.uint16, np.int16):
-        if p.storage == STORAGE_F16_BITS:
-            return lambda dst, g: np.copyto(dst.view(np.float16), g, casting="unsafe")
-        if p.storage == STORAGE_BF16_BITS:
-
-            def write_bf16(dst, g):
-                dst[...] = dtypes.float32_to_bf16_bits(g.astype(np.float32)).view(dt)
-
-            return write_bf16
-    raise TypeError(
-        f"out must be float16/float32/float64 (or 16-bit storage of the logits' own "
-        f"16-bit encoding); got {dt} for storage {p.storage}"
-    )
-
-
-def _device_logits(p: Problem) -> np.ndarray:
-    x = p.x
-    if x.ndim != 2:
-        raise ValueError("logits must be 2-D (rows x classes)")
-    if p.storage == STORAGE_F16_BITS:
-        return x.view(np.float16)  # the hardware converts float16 on load
-    if p.storage == STORAGE_BF16_BITS:
-        return x.view(np.uint16)
-    if p.storage != STORAGE_NATIVE:
-        raise ValueError(f"unknown storage code {p.storage}")
-    return x
-
-
-def _quiet_launch_warnings() -> None:
-    """Small chunks are legitimate here: no 'grid size will under-utilize' warnings."""
-    try:
-        from numba.core.errors import NumbaPerformanceWarning
-    except Exception:  # pragma: no cover
-        return
-    warnings.simplefilter("ignore", NumbaPerformanceWarning)
-
-
-def _scalar(compute: np.dtype, v) -> np.generic:
-    return compute.type(v)
-
-
-def _run(p: Problem, mode: str, scale=None, zscale=None, out=None):
-    _require()
-    compute = np.dtype(p.compute)
-    xin = _device_logits(p)
-    n, C = xin.shape
-    soft = p.t is not None
-    grad = mode == "grad"
-    writer = _grad_writer(out, p) if grad else None
-    if grad and out.shape != p.x.shape:
-        raise ValueError(f"out has shape {out.shape}, logits {p.x.shape}")
-
-    int_fields = ("argmax", "target_rank") if mode == "stats" else ()
-    if mode == "stats":
-        fields = ["loss", "lse", "target_logprob", "argmax", "max_prob", "entropy"]
-        fields += ["target_rank"] + (["kl"] if soft else [])
-    else:
-        fields = ["loss", "lse"]
-    results = {f: np.zeros(n, dtype=np.int64 if f in int_fields else compute) for f in fields}
-    if n == 0:
-        return results
-    if C == 0:  # nothing to read: lse of an empty row is -inf, every target is invalid
-        results["lse"][:] = -np.inf
-        if mode == "stats":
-            results["target_logprob"][:] = np.nan
-            results["target_rank"][:] = -1
-        return results
-
-    if grad:
-        scale = np.broadcast_to(np.asarray(scale, dtype=compute), (n,))
-        zscale = np.broadcast_to(np.asarray(zscale, dtype=compute), (n,))
-    cfg = _launch_config()
-    per_row = C * (xin.itemsize + (compute.itemsize if soft else 0))
-    per_row += C * compute.itemsize if grad else 0
-    per_row += 16 * 8
-    R = int(max(1, min(n, cfg.chunk_bytes // per_row)))
-
-    loss_k, stats_k = _kernels(p.storage == STORAGE_BF16_BITS, compute)
-    eps = _scalar(compute, p.eps)
-    zeta = _scalar(compute, p.zeta)
-    cap = _scalar(compute, p.cap)
-    tiny = _scalar(compute, np.finfo(compute).tiny)
-
-    with _RUN_LOCK:
-        w_dev = cuda.to_device(np.ascontiguousarray(p.w, dtype=compute))
-        streams = (cuda.stream(), cuda.stream())
-        dummy_y = _POOL.get("dummy_y", 0, (1,), np.int64, False)
-        dummy_2d = _POOL.get("dummy_2d", 0, (1, 1), compute, False)
-        dummy_1d = _POOL.get("dummy_1d", 0, (1,), compute, False)
-        pending: list = [None, None]
-
-        def finish(slot):
-            job = pending[slot]
-            if job is None:
-                return
-            pending[slot] = None
-            r0, r1, host_out = job
-            streams[slot].synchronize()
-            k = r1 - r0
-            for f in fields:
-                results[f][r0:r1] = host_out[f][:k]
-            if grad:
-                writer(out[r0:r1], host_out["grad"][:k])
-
-        nchunks = (n + R - 1) // R
-        with warnings.catch_warnings():
-            _quiet_launch_warnings()
-            try:
-                for ci, r0 in enumerate(range(0, n, R)):
-                    slot = ci & 1
-                    st = streams[slot]
-                    finish(slot)  # the slot's buffers are free again once its last chunk is in
-                    r1 = min(n, r0 + R)
-                    k = r1 - r0
-                    hx = _POOL.get("x", slot, (R, C), xin.dtype, True)[:k]
-                    dx = _POOL.get("x", slot, (R, C), xin.dtype, False)[:k]
-                    np.copyto(hx, xin[r0:r1])
-                    dx.copy_to_device(hx, stream=st)
-                    if soft:
-                        ht = _POOL.get("t", slot, (R, C), compute, True)[:k]
-                        dt = _POOL.get("t", slot, (R, C), compute, False)[:k]
-                        np.copyto(ht, p.t[r0:r1], casting="same_kind")
-                        dt.copy_to_device(ht, stream=st)
-                        dy = dummy_y
-                    else:
-                        hy = _POOL.get("y", slot, (R,), np.int64, True)[:k]
-                        dy = _POOL.get("y", slot, (R,), np.int64, False)[:k]
-                        np.copyto(hy, p.y[r0:r1], casting="same_kind")
-                        dy.copy_to_device(hy, stream=st)
-                        dt = dummy_2d
-                    host_out = {}
-                    dev_out = {}
-                    for f in fields:
-                        dtp = np.int64 if f in int_fields else compute
-                        host_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, True)[:k]
-                        dev_out[f] = _POOL.get("o_" + f, slot, (R,), dtp, False)[:k]
-                    grid, block, T = launch_shape(k, C, cfg)
-                    common = (k, C, T, p.kind, int(soft), eps, zeta, cap, tiny)
-                    if mode == "stats":
-                        stats_k[grid, block, st](
-                            dx, dy, dt, w_dev,
-                            *(dev_out[f] for f in fields[:7]),
-                            dev_out["kl"] if soft else dummy_1d,
-                            *common,
-                        )  # fmt: skip
-                    else:
-                        if grad:
-                            hs = _POOL.get("scale", slot, (R,), compute, True)[:k]
-                            hz = _POOL.get("zscale", slot, (R,), compute, True)[:k]
-                            ds = _POOL.get("scale", slot, (R,), compute, False)[:k]
-                            dz = _POOL.get("zscale", slot, (R,), compute, False)[:k]
-                            # (one-entry scales apply to every row: broadcast)
-                            np.copyto(hs, scale[r0:r1] if scale.shape[0] > 1 else scale)
-                            np.copyto(hz, zscale[r0:r1] if zscale.shape[0] > 1 else zscale)
-                            ds.copy_to_device(hs, stream=st)
-                            dz.copy_to_device(hz, stream=st)
-                            dg = _POOL.get("g", slot, (R, C), compute, False)[:k]
-                            host_out["grad"] = _POOL.get("g", slot, (R, C), compute, True)[:k]
-                        else:
-                            ds = dz = dummy_1d
-                            dg = dummy_2d
-                        loss_k[grid, block, st](
-                            dx, dy, dt, w_dev, ds, dz, dg, dev_out["loss"], dev_out["lse"],
-                            *common, int(grad),
-                        )  # fmt: skip
-                        if grad:
-                            dg.copy_to_host(host_out["grad"], stream=st)
-                    for f in fields:
-                        dev_out[f].copy_to_host(host_out[f], stream=st)
-                    pending[slot] = (r0, r1, host_out)
-                last = (nchunks - 1) & 1  # drain in chunk order
-                finish(last ^ 1)
-                finish(last)
-            finally:  # never leave copies in flight into buffers the pool hands out again
-                for st in streams:
-                    st.synchronize()
-    return results
-
-
-def forward(p: Problem, loss=None, lse=None, sums=None):
-    """(loss, lse) per row, arrays of the compute dtype (see engine/kernels/__init__.py).
-
-    ``loss``/``lse`` (host buffers the CPU backend may fill) are not used here; ``sums``
-    is filled on the host from the loss rows."""
-    res = _run(p, "forward")
-    if sums is not None:
-        block_sums_on_host(res["loss"], sums)
-    return res["loss"], res["lse"]
-
-
-def forward_grad(p: Problem, scale, zscale, out: np.ndarray, loss=None, lse=None, sums=None):
-    """As :func:`forward`, and writes d loss / d logits into ``out`` (may be ``p.x``)."""
-    res = _run(p, "grad", scale, zscale, out)
-    if sums is not None:
-        block_sums_on_host(res["loss"], sums)
-    return res["loss"], res["lse"]
-
-
-def stats(p: Problem) -> dict:
-    """RowStats arrays: loss, lse, target_logprob, argmax, max_prob, entropy, target_rank
-    (and kl for soft targets); floats in the compute dtype, argmax / target_rank int64."""
-    return _run(p, "stats")

@@ -1,0 +1,63 @@
+"""Numba CUDA twins of the row kernels (the contract of ``engine/kernels/__init__.py``).
+
+Three layers (stumpy's habit): plain ``@cuda.jit`` kernels (:mod:`.device`, with the
+simulator's warp reductions in :mod:`.sim`), a host driver that moves data and launches
+(:mod:`.driver`), and this front door: :func:`forward`, :func:`forward_grad`, :func:`stats`.
+The public API elsewhere validates. Importing this package does not import numba.cuda;
+the first kernel call does.
+
+To override the platform's launch configuration (tests, benchmarks), set
+``engine.kernels.cuda.driver.LAUNCH`` to a :class:`LaunchConfig`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import engine.kernels.cuda.driver as driver
+from engine.kernels import Problem, block_sums_on_host
+from engine.kernels.cuda.driver import (
+    NO_CUDA_MESSAGE,
+    LaunchConfig,
+    is_available,
+    launch_shape,
+    release_buffers,
+)
+from engine.kernels.cuda.sim import simulated
+
+__all__ = [
+    "LaunchConfig",
+    "NO_CUDA_MESSAGE",
+    "forward",
+    "forward_grad",
+    "is_available",
+    "launch_shape",
+    "release_buffers",
+    "simulated",
+    "stats",
+]
+
+
+def forward(p: Problem, loss=None, lse=None, sums=None):
+    """(loss, lse) per row, arrays of the compute dtype (see engine/kernels/__init__.py).
+
+    ``loss``/``lse`` (host buffers the CPU backend may fill) are not used here; ``sums``
+    is filled on the host from the loss rows."""
+    res = driver.run(p, "forward")
+    if sums is not None:
+        block_sums_on_host(res["loss"], sums)
+    return res["loss"], res["lse"]
+
+
+def forward_grad(p: Problem, scale, zscale, out: np.ndarray, loss=None, lse=None, sums=None):
+    """As :func:`forward`, and writes d loss / d logits into ``out`` (may be ``p.x``)."""
+    res = driver.run(p, "grad", scale, zscale, out)
+    if sums is not None:
+        block_sums_on_host(res["loss"], sums)
+    return res["loss"], res["lse"]
+
+
+def stats(p: Problem) -> dict:
+    """RowStats arrays: loss, lse, target_logprob, argmax, max_prob, entropy, target_rank
+    (and kl for soft targets); floats in the compute dtype, argmax / target_rank int64."""
+    return driver.run(p, "stats")
