@@ -151,17 +151,17 @@ def _failing_evaluate(err: BaseException):
     ],
 )
 def test_a_bug_is_an_internal_error_not_a_user_error(dataset, monkeypatch, err):
-    from engine import stream
+    from engine import jobs
 
-    monkeypatch.setattr(stream, "evaluate", _failing_evaluate(err))
+    monkeypatch.setattr(jobs, "evaluate", _failing_evaluate(err))
     line = internal_error(run("eval", dataset), type(err).__name__, str(err))
     assert not line.startswith("Error:")
 
 
 def test_debug_shows_a_bug_s_traceback(dataset, monkeypatch):
-    from engine import stream
+    from engine import jobs
 
-    monkeypatch.setattr(stream, "evaluate", _failing_evaluate(ValueError("boom")))
+    monkeypatch.setattr(jobs, "evaluate", _failing_evaluate(ValueError("boom")))
     r = run("eval", dataset, "--debug")
     assert isinstance(r.exception, ValueError) and str(r.exception) == "boom"
     monkeypatch.setenv("XENT_DEBUG", "1")
@@ -180,9 +180,9 @@ def test_debug_shows_a_bug_s_traceback(dataset, monkeypatch):
     ],
 )
 def test_user_errors_raised_deep_in_a_job(dataset, monkeypatch, err, contains):
-    from engine import stream
+    from engine import jobs
 
-    monkeypatch.setattr(stream, "evaluate", _failing_evaluate(err))
+    monkeypatch.setattr(jobs, "evaluate", _failing_evaluate(err))
     user_error(run("eval", dataset), contains)
 
 
