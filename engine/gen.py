@@ -15,7 +15,6 @@ the file appears complete under its name at the end (temporary name + rename).
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
+from engine.atomic import temp_path
 from engine.dtypes import BF16_METADATA_KEY, BF16_METADATA_VALUE, float32_to_bf16_bits
 from engine.errors import XentInputError, XentUsageError
 
@@ -246,11 +246,6 @@ class _Writer:
             self._file.close()
 
 
-def _temp_path(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
 # --------------------------------------------------------------------------------------
 # Public
 # --------------------------------------------------------------------------------------
@@ -312,7 +307,7 @@ def generate(
     maker = _RowMaker(classes, seed, float(ignore_frac), soft)
 
     start = time.perf_counter()
-    temp = _temp_path(path)
+    temp = temp_path(path)
     try:
         writer = _Writer(temp, schema, fmt, row_group_rows)
     except OSError as e:

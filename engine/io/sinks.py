@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 from collections.abc import Mapping
 
@@ -23,31 +22,17 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from engine import interrupt
-from engine.errors import XentInputError
+from engine.atomic import is_temp_name, temp_path, write_text
+from engine.errors import XentInputError, XentUsageError
+from engine.schema import row_stats_columns
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
-SCORE_COLUMNS = (
-    ("loss", pa.float32()),
-    ("target_logprob", pa.float32()),
-    ("lse", pa.float32()),
-    ("argmax", pa.int32()),
-    ("max_prob", pa.float32()),
-    ("entropy", pa.float32()),
-    ("target_rank", pa.int32()),
-)
 GRAD_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def output_format(path: str) -> str:
     """'arrow' for .arrow/.feather/.ipc, else 'parquet' (the default)."""
     return "arrow" if str(path).lower().endswith(ARROW_SUFFIXES) else "parquet"
-
-
-def _temp_path(path: str) -> str:
-    # Same directory as the target, so that os.replace is an atomic rename on one file
-    # system; hidden (leading dot) so that directory scans skip it.
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _write_error(path: str, err: OSError) -> XentInputError:
@@ -66,7 +51,7 @@ class Sink:
         self._writer = None
         self._state = "open"
         self._check_target()
-        self.temp_path = _temp_path(self.path)
+        self.temp_path = temp_path(self.path)
         try:
             self._file = pa.OSFile(self.temp_path, "wb")
         except OSError as e:  # missing or unwritable directory: say so before any work
@@ -184,11 +169,10 @@ def _with_keep(columns: list[tuple[str, pa.Array]], keep: pa.Table | None) -> pa
 def score_table(stats: Mapping[str, np.ndarray], keep: pa.Table | None, soft: bool) -> pa.Table:
     """The `score` output: SPEC §4 columns as float32/int32 (plus kl for soft targets),
     then the keep columns."""
-    specs = list(SCORE_COLUMNS) + ([("kl", pa.float32())] if soft else [])
     columns = []
-    for name, typ in specs:
-        values = np.asarray(stats[name], dtype=typ.to_pandas_dtype())
-        columns.append((name, pa.array(values, type=typ)))
+    for column in row_stats_columns(soft):
+        values = np.asarray(stats[column.name], dtype=column.numpy)
+        columns.append((column.name, pa.array(values, type=column.arrow)))
     return _with_keep(columns, keep)
 
 
@@ -196,7 +180,7 @@ def grad_column(grad: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArr
     """rows x C gradient as fixed_size_list<dtype>; no copy when already that dtype and
     C-contiguous (the Arrow array then references `grad`: write it before reusing it)."""
     if dtype not in GRAD_DTYPES:
-        raise ValueError(f"grad dtype must be float32 or float16, got {dtype!r}")
+        raise XentUsageError(f"grad dtype must be float32 or float16, got {dtype!r}")
     grad = np.asarray(grad)
     if grad.ndim != 2:
         raise ValueError(f"grad must be 2-D (rows x classes), got shape {grad.shape}")
@@ -215,23 +199,6 @@ def grad_table(grad: np.ndarray, keep: pa.Table | None = None, dtype: str = "flo
 # --------------------------------------------------------------------------------------
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow datasets skip it
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        interrupt.check()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_part_file(path: str, table: pa.Table) -> None:
@@ -291,7 +258,7 @@ class PartsWriter:
     def _sweep_temporaries(self) -> None:
         """Remove half-written parts a killed job left (``.part-*.tmp-*``): never data."""
         for name in os.listdir(self.directory):
-            if name.startswith((".part-", f".{MANIFEST}")) and ".tmp-" in name:
+            if name.startswith((".part-", f".{MANIFEST}")) and is_temp_name(name):
                 try:
                     os.unlink(os.path.join(self.directory, name))
                 except FileNotFoundError:
@@ -368,4 +335,4 @@ class PartsWriter:
     def _save(self) -> None:
         parts = self.manifest["parts"]
         self.manifest["parts"] = {k: parts[k] for k in sorted(parts, key=int)}
-        _write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1) + "\n")
+        write_text(self.manifest_path, json.dumps(self.manifest, indent=1) + "\n")

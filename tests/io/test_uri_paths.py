@@ -1,4 +1,4 @@
-"""engine.io.sources over pyarrow filesystem URIs (file:// to real temp files)."""
+"""engine.io over pyarrow filesystem URIs (file:// to real temp files)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datagen import random_logits, write_dataset
 
 import engine
 from engine.errors import XentInputError
-from engine.io.sources import expand_paths, open_fragment, open_source
+from engine.io import expand_paths, open_fragment, open_source
 
 
 def uri(path) -> str:

@@ -1,4 +1,4 @@
-"""engine.io.sources: formats, layouts, dtypes, chunking, zero-copy, errors."""
+"""engine.io: formats, layouts, dtypes, chunking, zero-copy, errors (through open_source)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from datagen import FORMATS, LAYOUTS, make_table, random_logits, write_dataset, 
 
 from engine.dtypes import float32_to_bf16_bits
 from engine.errors import XentInputError
-from engine.io import sources
-from engine.io.sources import NULL_TARGET, list_matrix, open_fragment, open_source
+from engine.io import NULL_TARGET, list_matrix, open_fragment, open_source
+from engine.io import parquet as parquet_pipeline
+from engine.io.formats import ParquetReader, ordered
+from engine.io.parquet import Buffers
 
 DTYPES = ("float16", "float32", "float64", "bfloat16")
 
@@ -39,13 +41,13 @@ def small_units(monkeypatch):
     """Parquet: one row group per unit of work, decoded one row at a time, so that every
     chunk is assembled from pieces (copied into a chunk buffer) and row groups decode
     concurrently, several filling one chunk."""
-    real = sources._ParquetReader.units
+    real = ParquetReader.units
 
     def one_group_each(self, columns, selection, unit_bytes):
         return real(self, columns, selection, 1)
 
-    monkeypatch.setattr(sources._ParquetReader, "units", one_group_each)
-    monkeypatch.setattr(sources, "_DECODE_BYTES", 1)
+    monkeypatch.setattr(ParquetReader, "units", one_group_each)
+    monkeypatch.setattr(parquet_pipeline, "_DECODE_BYTES", 1)
 
 
 # -- layouts x formats x dtypes ----------------------------------------------------------
@@ -321,7 +323,7 @@ def test_iter_targets_reads_only_targets(tmp_path, small_units):
     t = pa.array([1, None, 2, 0, 1, 1, None], pa.int32())
     path = write_dataset(tmp_path / "d.parquet", random_logits(7, 3), t, row_group_rows=3)
     src = open_source(path)
-    assert src._columns(src._entries[0], targets_only=True) == ["target"]
+    assert src.columns_for(src.entries[0], targets_only=True) == ["target"]
     got = list(src.iter_targets(chunk_rows=4))
     assert [len(tg) for tg, _ in got] == [4, 3]
     np.testing.assert_array_equal(
@@ -706,7 +708,7 @@ def test_ordered_keeps_order_and_bounds_jobs_in_flight(readahead):
             yield 0, job
 
     got = []
-    for k, (_, result) in enumerate(sources._ordered(jobs(), readahead)):
+    for k, (_, result) in enumerate(ordered(jobs(), readahead)):
         assert len(pulled) <= k + 1 + readahead  # memory bound: never more in flight
         got += result
     assert got == list(range(20))
@@ -730,12 +732,12 @@ def test_abandoning_iteration_does_not_hang(tmp_path, fmt, small_units):
 def test_parquet_readahead_is_bounded(tmp_path, monkeypatch, small_units, readahead):
     # Decoders must stay within `readahead` chunks of the caller, whatever the row-group
     # size: memory is chunk size x read-ahead, never row group or file size.
-    monkeypatch.setattr(sources, "_MIN_AHEAD_BYTES", 1)
+    monkeypatch.setattr(parquet_pipeline, "_MIN_AHEAD_BYTES", 1)
     x = random_logits(120, 16)
     path = write_dataset(tmp_path / "d.parquet", x, np.zeros(120, np.int64), row_group_rows=40)
     lock = threading.Lock()
     decoded = [0]
-    real = sources._ParquetReader.iter_batches
+    real = ParquetReader.iter_batches
 
     def spy(self, *args, **kwargs):
         for batch in real(self, *args, **kwargs):
@@ -744,7 +746,7 @@ def test_parquet_readahead_is_bounded(tmp_path, monkeypatch, small_units, readah
                 decoded[0] += batch.num_rows
             yield batch
 
-    monkeypatch.setattr(sources._ParquetReader, "iter_batches", spy)
+    monkeypatch.setattr(ParquetReader, "iter_batches", spy)
     leads, got = [], []
     for chunk in open_source(path).iter_chunks(chunk_rows=4, readahead=readahead):
         time.sleep(0.005)  # a slow caller: decoders get as far ahead as they may
@@ -762,7 +764,7 @@ def test_parquet_readahead_is_bounded(tmp_path, monkeypatch, small_units, readah
 def test_parquet_chunk_buffers_are_reused_only_when_released(
     tmp_path, monkeypatch, small_units, readahead
 ):
-    monkeypatch.setattr(sources, "_MIN_AHEAD_BYTES", 1)
+    monkeypatch.setattr(parquet_pipeline, "_MIN_AHEAD_BYTES", 1)
     x = random_logits(200, 8)
     path = write_dataset(tmp_path / "d.parquet", x, np.zeros(200, np.int64), row_group_rows=30)
     src = open_source(path)
@@ -786,7 +788,7 @@ def test_parquet_chunk_buffers_are_reused_only_when_released(
 
 
 def test_chunk_buffers_free_only_unreachable_memory():
-    buffers = sources._Buffers(keep=4)
+    buffers = Buffers(keep=4)
     a = buffers.empty((10, 3), np.float32)
     a[:] = 1
     views = [a[2:5], memoryview(a), a.reshape(-1)[4:]]
@@ -814,7 +816,7 @@ def test_first_bad_row_is_reported_whichever_decoder_fails_first(
     rows[33] = [1.0, 2.0, 3.0, 4.0]  # row group 3
     table = pa.table({"logits": pa.array(rows, pa.list_(pa.float32())), "target": [0] * 40})
     path = write_table(tmp_path / "d.parquet", table, "parquet", row_group_rows=10)
-    real = sources._ParquetReader.iter_batches
+    real = ParquetReader.iter_batches
 
     def slow_first_group(self, groups, *args, **kwargs):
         for batch in real(self, groups, *args, **kwargs):
@@ -822,7 +824,7 @@ def test_first_bad_row_is_reported_whichever_decoder_fails_first(
                 time.sleep(0.002)  # row group 1 fails first when decoded alongside
             yield batch
 
-    monkeypatch.setattr(sources._ParquetReader, "iter_batches", slow_first_group)
+    monkeypatch.setattr(ParquetReader, "iter_batches", slow_first_group)
     for _ in range(3):
         with pytest.raises(XentInputError) as err:
             list(open_source(path).iter_chunks(chunk_rows=chunk_rows, readahead=readahead))
@@ -839,7 +841,7 @@ def test_error_in_a_chunk_another_decoder_is_still_filling(
     rows[13] = [1.0]
     table = pa.table({"logits": pa.array(rows, pa.list_(pa.float32())), "target": [0] * 40})
     path = write_table(tmp_path / "d.parquet", table, "parquet", row_group_rows=10)
-    real = sources._ParquetReader.iter_batches
+    real = ParquetReader.iter_batches
 
     def slow_first_group(self, groups, *args, **kwargs):
         for batch in real(self, groups, *args, **kwargs):
@@ -847,7 +849,7 @@ def test_error_in_a_chunk_another_decoder_is_still_filling(
                 time.sleep(0.002)
             yield batch
 
-    monkeypatch.setattr(sources._ParquetReader, "iter_batches", slow_first_group)
+    monkeypatch.setattr(ParquetReader, "iter_batches", slow_first_group)
     with pytest.raises(XentInputError) as err:
         list(open_source(path).iter_chunks(chunk_rows=40, readahead=readahead))
     assert err.value.row == 13
