@@ -1,6 +1,6 @@
 """Output writers: per-row scores and gradients as Parquet or Arrow IPC files.
 
-Outputs appear only complete (SPEC §4): a sink writes to a temporary name beside the
+Outputs appear only complete: a sink writes to a temporary name beside the
 target and renames it into place on `commit()`; `abort()` (or an exception, Ctrl-C
 included, inside a `with` block) removes the temporary file. An existing output is
 refused unless `overwrite=True`, before anything is written.
@@ -167,7 +167,7 @@ def _with_keep(columns: list[tuple[str, pa.Array]], keep: pa.Table | None) -> pa
 
 
 def score_table(stats: Mapping[str, np.ndarray], keep: pa.Table | None, soft: bool) -> pa.Table:
-    """The `score` output: SPEC §4 columns as float32/int32 (plus kl for soft targets),
+    """The `score` output: the per-row columns of engine.schema (plus kl for soft targets),
     then the keep columns."""
     columns = []
     for column in row_stats_columns(soft):
