@@ -227,6 +227,15 @@ run_options = option_group(
     debug_option,
 )
 
+row_file_options = option_group(
+    click.option("-o", "--output", required=True, help="Output file (.parquet or .arrow)."),
+    click.option(
+        "--keep", multiple=True, callback=split_names, help="Input columns to copy (a,b,...)."
+    ),
+    click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+)
+"""-o, --keep and --overwrite: what `score` and `grad` write."""
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
 
 LOSS_KEYS = (

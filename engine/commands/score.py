@@ -7,20 +7,16 @@ import click
 from engine.commands.options import (
     json_option,
     loss_options,
+    row_file_options,
     run_options,
     source_options,
-    split_names,
 )
 from engine.commands.rowfile import run_output_job
 
 
 @click.command("score")
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
-@click.option("-o", "--output", required=True, help="Output file (.parquet or .arrow).")
-@click.option(
-    "--keep", multiple=True, callback=split_names, help="Input columns to copy (a,b,...)."
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@row_file_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted job's output.")
 @source_options
 @loss_options

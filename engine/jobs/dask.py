@@ -346,21 +346,8 @@ def score(
     threads: int | None = None,
 ) -> Report:
     """`engine.score` on Dask: `output` is a directory of parts plus ``_manifest.json``."""
-    src = open_job_source(source, spec, logits, target, keep=keep)
-    read_dtype = spec.opts.logits_dtype
-    spec, classes = for_source(src, spec)
-    job = _Job(
-        "score",
-        spec,
-        classes,
-        src.soft_targets,
-        logits,
-        target,
-        keep=keep,
-        read_dtype=read_dtype,
-        keep_schema=_keep_schema(src, keep),
-        threads=threads,
-    )
+    src, job = _output_job("score", source, spec, logits, target, keep, threads)
+    spec, classes = job.spec, job.classes
     parts: dict[int, _Result] = {}
     seconds, _, recorded = _write_parts(
         src, output, job, address, overwrite, resume, progress, fragment_rows, parts
@@ -388,27 +375,12 @@ def gradients(
     threads: int | None = None,
 ) -> Report:
     """`engine.gradients` on Dask: `output` is a directory of ``grad`` parts."""
-    src = open_job_source(source, spec, logits, target, keep=keep)
-    read_dtype = spec.opts.logits_dtype
-    spec, classes = for_source(src, spec)
+    src, job = _output_job("grad", source, spec, logits, target, keep, threads)
+    spec, classes = job.spec, job.classes
     denominators = (None, None)
     if spec.opts.reduction == "mean":  # global: one pass over the target column, here
         denominators = global_denominators(src, spec, classes)
-    job = _Job(
-        "grad",
-        spec,
-        classes,
-        src.soft_targets,
-        logits,
-        target,
-        keep=keep,
-        read_dtype=read_dtype,
-        keep_schema=_keep_schema(src, keep),
-        grad_dtype=grad_dtype,
-        grad_output=grad_output,
-        denominators=denominators,
-        threads=threads,
-    )
+    job = replace(job, grad_dtype=grad_dtype, grad_output=grad_output, denominators=denominators)
     parts: dict[int, _Result] = {}
     seconds, _, _ = _write_parts(
         src, output, job, address, overwrite, False, progress, fragment_rows, parts
@@ -418,6 +390,27 @@ def gradients(
         sums.merge(parts[i].grad)
     metrics = gradients_report(sums, spec, classes, denominators, seconds)
     return Report(metrics, output=str(output))
+
+
+def _output_job(kind, source, spec: JobSpec, logits, target, keep, threads):
+    """(source, job) of a score or grad job: the source opened on the client (footers
+    only), the spec as the source needs it, the keep columns' schema for empty parts."""
+    src = open_job_source(source, spec, logits, target, keep=keep)
+    read_dtype = spec.opts.logits_dtype  # as asked: workers open their fragments the same way
+    spec, classes = for_source(src, spec)
+    job = _Job(
+        kind,
+        spec,
+        classes,
+        src.soft_targets,
+        logits,
+        target,
+        keep=keep,
+        read_dtype=read_dtype,
+        keep_schema=_keep_schema(src, keep),
+        threads=threads,
+    )
+    return src, job
 
 
 def _keep_schema(src: Source, keep) -> pa.Schema | None:
