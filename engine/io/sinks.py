@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from collections.abc import Mapping
 
@@ -199,6 +200,9 @@ def grad_table(grad: np.ndarray, keep: pa.Table | None = None, dtype: str = "flo
 # --------------------------------------------------------------------------------------
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow datasets skip it
+# Each part's metric sums, one small file per part (written once, not with every rewrite
+# of the manifest, which would grow with the square of the part count).
+METRICS_DIR = "_metrics"
 
 
 def write_part_file(path: str, table: pa.Table) -> None:
@@ -246,6 +250,7 @@ class PartsWriter:
             for name in os.listdir(self.directory):
                 if name == MANIFEST or name.startswith("part-"):
                     os.unlink(os.path.join(self.directory, name))
+            shutil.rmtree(os.path.join(self.directory, METRICS_DIR), ignore_errors=True)
         if existing and (overwrite or resume):
             self._sweep_temporaries()
         self.manifest = self._load() if resume else None
@@ -301,21 +306,33 @@ class PartsWriter:
         self, index: int, rows: int, first_row: int | None = None, *, metrics: dict | None = None
     ) -> None:
         """Record a part written elsewhere (a Dask worker) as finished. ``metrics`` (plain
-        JSON data: the part's metric sums) lets a resumed job report the whole output."""
+        JSON data: the part's metric sums) lets a resumed job report the whole output; it
+        is on disk before the manifest lists the part."""
+        if metrics is not None:
+            write_text(self._metrics_path(index), json.dumps(metrics) + "\n")
         entry = {
             "file": os.path.basename(self.part_path(index)),
             "rows": int(rows),
             "first_row": None if first_row is None else int(first_row),
         }
-        if metrics is not None:
-            entry["metrics"] = metrics
         with self._lock:
             self.manifest["parts"][str(int(index))] = entry
             self._save()
 
+    def _metrics_path(self, index: int) -> str:
+        folder = os.path.join(self.directory, METRICS_DIR)
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f"part-{int(index):05d}.json")
+
     def part_metrics(self, index: int) -> dict | None:
         """The metric sums recorded with a finished part (None if none were)."""
-        return self.manifest["parts"].get(str(int(index)), {}).get("metrics")
+        try:
+            with open(self._metrics_path(index)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise XentInputError(f"unreadable part metrics ({e})", file=self.directory) from None
 
     def completed(self) -> dict[int, int]:
         """index -> rows of the parts the manifest lists whose file is present."""

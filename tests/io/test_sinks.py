@@ -277,3 +277,15 @@ def test_resume_sweeps_half_written_parts(tmp_path):
     PartsWriter(out, resume=True)
     assert not stray.exists()
     assert (out / "part-00000.parquet").exists()
+
+
+def test_parts_writer_keeps_part_metrics_beside_the_manifest(tmp_path):
+    out = tmp_path / "parts"
+    writer = PartsWriter(str(out))
+    writer.write_part(0, small_table(4), first_row=0, metrics={"rows": 4})
+    writer.write_part(1, small_table(3), first_row=4)
+    assert writer.part_metrics(0) == {"rows": 4} and writer.part_metrics(1) is None
+    assert "metrics" not in (out / "_manifest.json").read_text()  # one small file per part
+    assert PartsWriter(str(out), resume=True).part_metrics(0) == {"rows": 4}
+    PartsWriter(str(out), overwrite=True)
+    assert not (out / "_metrics").exists()  # an overwritten job leaves no stale sums

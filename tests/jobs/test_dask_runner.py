@@ -174,9 +174,10 @@ def test_score_parts_equal_local(tmp_path, data, address):
     _assert_tables_equal(table, pq.read_table(local_out))  # row for row, input order
     assert manifest["complete"] and manifest["total_rows"] == sum(ROWS)
     assert sorted(manifest["parts"], key=int) == [str(i) for i in range(7)]
-    assert sorted(os.listdir(out)) == ["_manifest.json"] + [
+    assert sorted(os.listdir(out)) == ["_manifest.json", "_metrics"] + [
         f"part-{i:05d}.parquet" for i in range(7)
     ]
+    assert sorted(os.listdir(out / "_metrics")) == [f"part-{i:05d}.json" for i in range(7)]
     _assert_same(local.to_dict(), remote.to_dict())
     with pytest.raises(XentInputError, match="exists"):
         engine.score(data, out, device="cpu", dask=address)
