@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of every formula in SPEC §2: slow, obvious, and the oracle.
+"""Float64 NumPy reference of every loss formula: slow, obvious, and the oracle.
 
 Used by the tests, ``xent explain`` and the benchmarks' accuracy check. It materialises
 log-softmax on purpose; the kernels never do.
@@ -97,7 +97,7 @@ def cross_entropy(logits, target, **options):
 
 
 def cross_entropy_grad(logits, target, *, grad_output=1.0, **options):
-    """(loss, d loss / d logits) in float64, by the closed form of SPEC §2."""
+    """(loss, d loss / d logits) in float64, by the closed form of the loss."""
     opts = make_options(**options)
     x, logp, lse, coef, counted, denom, n_counted, ce, zl, cap_grad, tiny = _row_terms(
         logits, target, opts
@@ -130,7 +130,7 @@ def cross_entropy_grad(logits, target, *, grad_output=1.0, **options):
 
 
 def row_stats(logits, target, **options) -> dict:
-    """Per-row statistics of SPEC §3 (dict of float64/int64 arrays)."""
+    """Per-row statistics, as engine.row_stats returns them (dict of float64/int64 arrays)."""
     opts = make_options(**options)
     x, logp, lse, coef, counted, _, _, ce, zl, _, _ = _row_terms(logits, target, opts)
     n, c = x.shape

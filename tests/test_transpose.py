@@ -1,4 +1,4 @@
-"""The register transpose of the row tiles (engine/kernels/_transpose.py), against numpy."""
+"""The register transpose of the row tiles (engine/kernels/cpu/transpose.py), against numpy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from engine.kernels.cpu import FASTMATH, TILE, transpose_tile
+from engine.kernels.cpu.scalars import FASTMATH
+from engine.kernels.cpu.tiles import TILE, transpose_tile
 
 STORAGES = {
     "float32": (np.float32, lambda a: a, lambda a: a),

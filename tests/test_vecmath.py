@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from engine.kernels._vecmath import (
+from engine.kernels.cpu.scalars import FASTMATH
+from engine.kernels.cpu.vecmath import (
     exp_f32,
     exp_nonpos_f32,
     f16_bits_as_i16,
@@ -17,7 +18,6 @@ from engine.kernels._vecmath import (
     max_i16,
     min_i16,
 )
-from engine.kernels.cpu import FASTMATH
 
 
 @njit(fastmath=FASTMATH)
@@ -145,7 +145,7 @@ def test_log_is_accurate_including_just_above_one():
 
 @njit
 def _f16_row_max(bits):
-    """A float16 row's max the way the kernels take it (see cpu._max_step)."""
+    """A float16 row's max the way the kernels take it (see scalars.max_step)."""
     hi = np.int16(-32768)
     lo = np.int16(32767)
     for i in range(bits.shape[0]):

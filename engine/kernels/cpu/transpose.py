@@ -1,6 +1,6 @@
 """A 16 x 16 register transpose for the CPU kernels' row tiles.
 
-The short-row kernels (engine/kernels/cpu.py, ``_tile_reduce``) turn 64 rows of a few
+The short-row kernels (tiles.py, ``tile_reduce``) turn 64 rows of a few
 classes into a (classes x 64) tile so every max, exp and sum runs across rows. Done one
 element at a time, that copy is a load and a store per logit and was a third of the time
 of a 10-class forward pass. Here 16 rows are loaded as 16 vectors of 16 logits, widened

@@ -1,0 +1,138 @@
+"""Numba CPU kernels: fused row-wise log-sum-exp cross-entropy, its gradient, row stats.
+
+Shape of the work (one row at a time, rows split statically over threads):
+
+- The row is walked in L1-sized blocks. Per block: a vectorised max, then one vectorised
+  sum of exp(z - block_max) (plus, when an option needs it, a weighted sum of
+  (block_max - z)). Blocks are merged online in float64, so a 256k-class row costs one
+  read from memory and one from L1; no softmax/log-softmax row is ever materialised.
+- Losses are formed from max-relative quantities: loss = (M - z_y) + log S, which keeps
+  float32 accurate for logits of 1e4 where lse - z_y would cancel.
+- The gradient pass re-reads the row once (from cache for rows that fit) and writes
+  d loss / d logits, possibly over the logits themselves.
+- Softcap and probability inputs first transform the row into a per-thread scratch row,
+  then reuse the same fast loops.
+
+Dtype handling: float16 reaches the kernels as uint16 bits and bfloat16 as int16 bits (a
+type each, so Numba compiles one specialisation per storage and caches it); they are
+widened to float32 in registers. Arithmetic is float32 except for float64 input.
+
+Fast-math: ``reassoc`` (and contract/nsz/arcp) so sums vectorise; never nnan/ninf, so
+-inf masks and NaN rows behave exactly as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, Problem
+from engine.kernels.cpu.parallel import forward_grad_kernel, forward_kernel, stats_kernel
+from engine.options import KIND_LOGITS
+
+__all__ = ["forward", "forward_grad", "stats"]
+
+# -- host side: Problem -> kernel arguments -------------------------------------------------
+
+
+def _kernel_view(a: np.ndarray, storage: int) -> np.ndarray:
+    """float16 as uint16 bits, bfloat16 as int16 bits: the type picks the decoder."""
+    if storage == STORAGE_F16_BITS:
+        return a.view(np.uint16)
+    if storage == STORAGE_BF16_BITS:
+        return a.view(np.int16)
+    return a
+
+
+def _args(p: Problem):
+    x = _kernel_view(p.x, p.storage)
+    n, c = x.shape
+    w = np.ascontiguousarray(p.w, dtype=p.compute)
+    if p.t is not None:
+        t = np.ascontiguousarray(p.t, dtype=p.compute)
+        y = np.zeros(0, dtype=np.int64)
+    else:
+        t = np.empty((n, 0), dtype=p.compute)
+        y = np.ascontiguousarray(p.y, dtype=np.int64)
+    W = float(np.sum(w, dtype=np.float64))
+    threads = numba.get_num_threads()
+    return x, y, t, w, W, float(p.eps), float(p.zeta), float(p.cap), int(p.kind), threads
+
+
+def _out_view(out: np.ndarray, p: Problem) -> np.ndarray:
+    if out.dtype == np.float16:
+        return out.view(np.uint16)
+    if out.dtype in (np.uint16, np.int16):
+        return _kernel_view(out, p.storage)  # in place over bf16/f16 bit buffers
+    return out
+
+
+def _rows_out(p: Problem, loss, lse):
+    n = p.rows
+    loss = np.empty(n, dtype=p.compute) if loss is None else loss
+    lse = np.empty(n, dtype=p.compute) if lse is None else lse
+    return loss, lse
+
+
+def _sums_arg(sums):
+    return np.empty(0) if sums is None else sums
+
+
+def forward(p: Problem, loss=None, lse=None, sums=None):
+    loss, lse = _rows_out(p, loss, lse)
+    n = p.rows
+    if n:
+        forward_kernel(*_args(p), loss, lse, _sums_arg(sums))
+    return loss, lse
+
+
+def forward_grad(
+    p: Problem,
+    scale: np.ndarray,
+    zscale: np.ndarray,
+    out: np.ndarray,
+    loss=None,
+    lse=None,
+    sums=None,
+):
+    loss, lse = _rows_out(p, loss, lse)
+    n = p.rows
+    if n:
+        forward_grad_kernel(
+            *_args(p),
+            np.ascontiguousarray(scale, dtype=np.float64),
+            np.ascontiguousarray(zscale, dtype=np.float64),
+            bool(
+                p.kind == KIND_LOGITS
+                and p.cap == 0.0
+                and out.dtype.kind == "f"
+                and out.dtype != np.float16
+                # in place: the exps go to a scratch row, as the logits must stay readable
+                and not np.may_share_memory(out, p.x)
+            ),
+            loss,
+            lse,
+            _out_view(out, p),
+            _sums_arg(sums),
+        )
+    return loss, lse
+
+
+def stats(p: Problem) -> dict:
+    n = p.rows
+    f = p.compute
+    res = {
+        "loss": np.empty(n, dtype=f),
+        "lse": np.empty(n, dtype=f),
+        "target_logprob": np.empty(n, dtype=f),
+        "argmax": np.empty(n, dtype=np.int64),
+        "max_prob": np.empty(n, dtype=f),
+        "entropy": np.empty(n, dtype=f),
+        "target_rank": np.empty(n, dtype=np.int64),
+        "kl": np.empty(n if p.soft else 0, dtype=f),
+    }
+    if n:
+        stats_kernel(*_args(p), *res.values())
+    if not p.soft:
+        del res["kl"]
+    return res
