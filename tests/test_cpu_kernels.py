@@ -36,19 +36,24 @@ def check(x, target, *, loss_rtol=2e-6, grad_tol=1e-6, torch_oracle=True, grad_o
     _grad_close(grad, ref_grad, grad_tol)
     if torch_oracle:
         t_loss, t_grad = torch_loss_and_grad(x, target, grad_output=grad_output, **opts)
-        _close(ref_loss, t_loss, 1e-10)
+        # torch forms a row's loss as lse - x_y: near-zero losses of large logits carry an
+        # absolute error of some ulps of the logits (float64 torch 2.13: 2e-13 at x = 25).
+        finite = np.abs(np.asarray(x, np.float64)[np.isfinite(x)])
+        scale = float(finite.max()) if finite.size else 1.0
+        _close(ref_loss, t_loss, 1e-10, atol=1e-13 * max(1.0, scale))
         _grad_close(ref_grad, t_grad, 1e-10)
     return loss, grad
 
 
-def _close(a, b, rtol):
+def _close(a, b, rtol, atol=None):
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape
     same_special = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
     finite = ~same_special
     assert not np.any(np.isnan(a[finite]) | np.isnan(b[finite])), (a, b)
-    np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=rtol * 1e-3)
+    atol = rtol * 1e-3 if atol is None else atol
+    np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=atol)
 
 
 def _grad_close(a, b, tol):

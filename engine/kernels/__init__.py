@@ -30,6 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.kernels.cache_guard import ensure_fresh
+
+# Before any kernel of this package loads from Numba's cache: drop machine code built from
+# other sources (Numba itself only checks the file that defines each kernel).
+ensure_fresh()
+
 # How the logits buffer stores numbers. Numba's CPU target has no float16, so float16
 # and bfloat16 both reach kernels as uint16 bit patterns and are widened in registers.
 STORAGE_NATIVE, STORAGE_F16_BITS, STORAGE_BF16_BITS = 0, 1, 2
