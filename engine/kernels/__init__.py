@@ -1,6 +1,6 @@
 """Row kernels and the one contract every backend honours.
 
-The host (engine/api.py, engine/stream.py) turns user input into a :class:`Problem`:
+The host (engine/api.py, engine/jobs/chunks.py) turns user input into a :class:`Problem`:
 flat arrays and scalars, targets already validated, ignored rows marked with class -1.
 A backend module (``cpu``, ``cuda``) exposes three functions over a Problem:
 
