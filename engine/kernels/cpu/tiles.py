@@ -32,14 +32,14 @@ TILE_STATS_C = 128  # row stats: tiles up to here (C = 128: +30% float32, +46% f
 # float64 scratch rows of a tile (tmp[k] has TILE lanes)
 T_TGT, T_ZY, T_WY, T_LOSS, T_LSE, T_S, T_EY, T_GY, T_SC, T_ZS, T_M, T_D = range(12)
 # compute-dtype rows (acc[k])
-_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE, _A_SH, _A_H, _A_ZYT, _A_RANK, _A_AM = range(11)
+_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE, _A_SH, _A_H, _A_ZYT, _A_RANK, _A_AM, _A_Y = range(12)
 
 
 @njit(**JIT)
 def tile_scratch(C, w):
     return (
         np.empty((C, TILE), dtype=w.dtype),
-        np.empty((11, TILE), dtype=w.dtype),
+        np.empty((12, TILE), dtype=w.dtype),
         np.empty((12, TILE)),
     )
 
@@ -263,14 +263,17 @@ def tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
     zyt = acc[_A_ZYT]
     rk = acc[_A_RANK]
     am = acc[_A_AM]
+    yt = acc[_A_Y]  # the target's class, in the compute dtype (-1: none)
     zero = as_t(0.0, w)
     one = as_t(1.0, w)
     for r in range(TILE):
         yi = np.int64(tmp[T_TGT, r])
         zyt[r] = buf[yi, r] if yi >= 0 else zero
+        yt[r] = as_t(yi, w)
         rk[r] = zero
         am[r] = as_t(-1.0, w)
-    # first index of the max (a NaN first, as torch.argmax) and the target's rank
+    # first index of the max (a NaN first, as torch.argmax) and the target's rank: the
+    # classes above it, and those tied with it before it (argmax takes the first)
     for j in range(C):
         col = buf[j]
         jt = as_t(j, w)
@@ -278,7 +281,8 @@ def tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
             v = col[r]
             hit = am[r] < zero and (v != v or v == m[r])
             am[r] = jt if hit else am[r]
-            rk[r] += one if v > zyt[r] else zero
+            above = v > zyt[r] or (v == zyt[r] and jt < yt[r])
+            rk[r] += one if above else zero
     for r in range(count):
         i = r0 + r
         M = tmp[T_M, r]
