@@ -16,17 +16,13 @@ from engine.kernels.cpu.vecmath import log_pos_f64
 
 # Rows with few classes are processed in transposed tiles (see tile_reduce); longer
 # ones up to BLOCK row by row, pipelined, with the finish across a tile (rows_loss).
-TILE = SUM_ROWS  # rows per tile: 4 float32 vectors across rows (64: best of 16..256 at C = 10)
+# (the measurements behind these constants: engine/kernels/README.md)
+TILE = SUM_ROWS  # rows per tile: 4 float32 vectors across rows
 # Where the transposed tiles stop is set in bytes per row: the row loops' cost is their
-# scalar remainder, which float16 pays per element converted. Measured (GB/s, 2 threads)
-# transposed tile / pipelined rows, float32: forward C=10 6.6/3.1, 24 6.2/6.5, 32 6.5/8.5,
-# 64 6.7/9.7; forward+grad C=10 6.7/5.7, 16 7.4/9.9, 64 8.4/14.6, 127 9.1/17.3.
-# float16: forward C=32 3.7/3.0, 48 3.7/3.7, 64 3.9/5.7; forward+grad C=28 4.2/3.1,
-# 40 4.7/5.8, 100 5.4/6.5.
+# scalar remainder, which float16 pays per element converted.
 TILE_ROW_BYTES = 96  # forward: transposed tiles for rows up to here (float32: C <= 24)
 TILE_GRAD_ROW_BYTES = 63  # forward+grad: ... (float32: C <= 15, float16: C <= 31)
-TILE_STATS_C = 128  # row stats: tiles up to here (C = 128: +30% float32, +46% float16;
-# at 192 the rows are faster)
+TILE_STATS_C = 512  # row stats: tiles for rows of up to this many classes
 
 
 # float64 scratch rows of a tile (tmp[k] has TILE lanes)
