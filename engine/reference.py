@@ -151,7 +151,11 @@ def row_stats(logits, target, **options) -> dict:
             target_logprob = np.where(counted, logp[np.arange(n), cls], np.nan)
             kl = None
         target_logit = x[np.arange(n), cls]
-        rank = np.sum(x > target_logit[:, None], axis=1).astype(np.int64)
+        # ties rank by index, as argmax takes the first maximal class: rank 0 exactly
+        # when argmax is the target
+        tied_before = (x == target_logit[:, None]) & (np.arange(c) < cls[:, None])
+        rank = np.sum(x > target_logit[:, None], axis=1) + np.sum(tied_before, axis=1)
+        rank = rank.astype(np.int64)
     rank = np.where(counted, rank, -1)
     out = {
         "loss": ce + zl,

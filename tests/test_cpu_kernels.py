@@ -1,6 +1,6 @@
 """CPU kernels against the float64 reference and torch (float64 autograd).
 
-Tolerances are SPEC §2's: float32 loss within 2e-6 relative of float64, gradient within
+Tolerances are the contract's: float32 loss within 2e-6 relative of float64, gradient within
 1e-6·max|g| absolute. The reference sees the same (rounded) inputs as the kernel.
 """
 
@@ -583,3 +583,41 @@ def test_reductions_from_block_sums(rng, classes, reduction):
             assert fn(x, y, reduction=reduction, weight=w) == got
         finally:
             numba.set_num_threads(old)
+
+
+def _rank_oracle(x, cls):
+    """#{j: x_j > x_y} + #{j < y: x_j == x_y}: classes above the target, and those tied
+    with it before it (argmax takes the first maximal class)."""
+    xt = x[np.arange(x.shape[0]), cls][:, None]
+    before = np.arange(x.shape[1])[None, :] < cls[:, None]
+    return np.sum(x > xt, axis=1) + np.sum((x == xt) & before, axis=1)
+
+
+# 10, 100, 300: transposed tiles; 1000: one block per row; 5000: several blocks per row
+@pytest.mark.parametrize("classes", [10, 100, 300, 1000, 5000])
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_target_rank_ties(rng, classes, storage):
+    v = rng.integers(-4, 4, (150, classes)).astype(np.float32) * 0.5  # 8 values: ties
+    v[0] = 1.0  # every class tied
+    y = rng.integers(0, classes, 150)
+    y[[0, 1, 2]] = [classes // 2, 0, classes - 1]
+    if storage == "float16":
+        x, opts = v.astype(np.float16), {}
+    else:
+        x, opts = dtypes.float32_to_bf16_bits(v), {"logits_dtype": "bfloat16"}
+    got = engine.row_stats(x, y, **opts)
+    want = _rank_oracle(v.astype(np.float64), y)
+    assert got.target_rank[0] == classes // 2
+    np.testing.assert_array_equal(got.target_rank, want)
+    np.testing.assert_array_equal(got.target_rank == 0, got.argmax == y)
+    np.testing.assert_array_equal(R.row_stats(x, y, **opts)["target_rank"], want)
+
+
+def test_target_rank_ties_soft_targets(rng):
+    v = rng.integers(-2, 2, (40, 30)).astype(np.float16)
+    t = rng.random((40, 30))
+    t /= t.sum(1, keepdims=True)
+    got = engine.row_stats(v, t)
+    want = _rank_oracle(v.astype(np.float64), np.argmax(t, axis=1))
+    np.testing.assert_array_equal(got.target_rank, want)
+    np.testing.assert_array_equal(R.row_stats(v, t)["target_rank"], want)

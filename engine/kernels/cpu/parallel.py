@@ -16,6 +16,7 @@ from engine.kernels.cpu.tiles import (
     TILE,
     TILE_GRAD_ROW_BYTES,
     TILE_ROW_BYTES,
+    TILE_STATS_C,
     tile_loss,
     tile_loss_grad,
     tile_scratch,
@@ -267,7 +268,7 @@ def stats_kernel(
     nb = max(1, min(nthreads, n))
     scratch_len = C if (cap != 0.0 or kind == KIND_PROBS) else 0
     soft = t.shape[1] != 0
-    tiled = kind == KIND_LOGITS and not soft and not scratch_len and C <= 512
+    tiled = kind == KIND_LOGITS and not soft and not scratch_len and C <= TILE_STATS_C
     for b in prange(nb):
         lo, hi = _thread_span(b, nb, n, 1)
         scratch = np.empty(scratch_len, dtype=w.dtype)

@@ -438,6 +438,10 @@ def row_stats(z, w, t, yi, eps, zeta, kind, W, bms):
         rank = 0
         for j in range(C):
             rank += 1 if widen(z[j]) > zt else 0
+        # ties rank by index, as argmax takes the first maximal class: rank 0 exactly
+        # when argmax is the target
+        for j in range(cls):
+            rank += 1 if widen(z[j]) == zt else 0
     return li, M + math.log(S), tlogp, am, r, entropy, rank, kl
 
 

@@ -16,30 +16,26 @@ from engine.kernels.cpu.vecmath import log_pos_f64
 
 # Rows with few classes are processed in transposed tiles (see tile_reduce); longer
 # ones up to BLOCK row by row, pipelined, with the finish across a tile (rows_loss).
-TILE = SUM_ROWS  # rows per tile: 4 float32 vectors across rows (64: best of 16..256 at C = 10)
+# (the measurements behind these constants: engine/kernels/README.md)
+TILE = SUM_ROWS  # rows per tile: 4 float32 vectors across rows
 # Where the transposed tiles stop is set in bytes per row: the row loops' cost is their
-# scalar remainder, which float16 pays per element converted. Measured (GB/s, 2 threads)
-# transposed tile / pipelined rows, float32: forward C=10 6.6/3.1, 24 6.2/6.5, 32 6.5/8.5,
-# 64 6.7/9.7; forward+grad C=10 6.7/5.7, 16 7.4/9.9, 64 8.4/14.6, 127 9.1/17.3.
-# float16: forward C=32 3.7/3.0, 48 3.7/3.7, 64 3.9/5.7; forward+grad C=28 4.2/3.1,
-# 40 4.7/5.8, 100 5.4/6.5.
+# scalar remainder, which float16 pays per element converted.
 TILE_ROW_BYTES = 96  # forward: transposed tiles for rows up to here (float32: C <= 24)
 TILE_GRAD_ROW_BYTES = 63  # forward+grad: ... (float32: C <= 15, float16: C <= 31)
-TILE_STATS_C = 128  # row stats: tiles up to here (C = 128: +30% float32, +46% float16;
-# at 192 the rows are faster)
+TILE_STATS_C = 512  # row stats: tiles for rows of up to this many classes
 
 
 # float64 scratch rows of a tile (tmp[k] has TILE lanes)
 T_TGT, T_ZY, T_WY, T_LOSS, T_LSE, T_S, T_EY, T_GY, T_SC, T_ZS, T_M, T_D = range(12)
 # compute-dtype rows (acc[k])
-_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE, _A_SH, _A_H, _A_ZYT, _A_RANK, _A_AM = range(11)
+_A_MAX, _A_ONES, _A_REST, _A_DEV, _A_K, _A_SE, _A_SH, _A_H, _A_ZYT, _A_RANK, _A_AM, _A_Y = range(12)
 
 
 @njit(**JIT)
 def tile_scratch(C, w):
     return (
         np.empty((C, TILE), dtype=w.dtype),
-        np.empty((11, TILE), dtype=w.dtype),
+        np.empty((12, TILE), dtype=w.dtype),
         np.empty((12, TILE)),
     )
 
@@ -263,14 +259,17 @@ def tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
     zyt = acc[_A_ZYT]
     rk = acc[_A_RANK]
     am = acc[_A_AM]
+    yt = acc[_A_Y]  # the target's class, in the compute dtype (-1: none)
     zero = as_t(0.0, w)
     one = as_t(1.0, w)
     for r in range(TILE):
         yi = np.int64(tmp[T_TGT, r])
         zyt[r] = buf[yi, r] if yi >= 0 else zero
+        yt[r] = as_t(yi, w)
         rk[r] = zero
         am[r] = as_t(-1.0, w)
-    # first index of the max (a NaN first, as torch.argmax) and the target's rank
+    # first index of the max (a NaN first, as torch.argmax) and the target's rank: the
+    # classes above it, and those tied with it before it (argmax takes the first)
     for j in range(C):
         col = buf[j]
         jt = as_t(j, w)
@@ -278,7 +277,8 @@ def tile_stats(x, y, r0, count, w, eps, zeta, W, buf, acc, tmp, res):
             v = col[r]
             hit = am[r] < zero and (v != v or v == m[r])
             am[r] = jt if hit else am[r]
-            rk[r] += one if v > zyt[r] else zero
+            above = v > zyt[r] or (v == zyt[r] and jt < yt[r])
+            rk[r] += one if above else zero
     for r in range(count):
         i = r0 + r
         M = tmp[T_M, r]
