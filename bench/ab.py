@@ -1,0 +1,58 @@
+"""Interleaved A/B of the engine's kernels between two checkouts (same machine, same data).
+
+python bench/ab.py BEFORE_DIR AFTER_DIR ROUNDS OUT.json
+(BEFORE_DIR: e.g. `git worktree add /tmp/before <old commit>`)
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CODE = r"""
+import json, sys
+from bench.kernels import run
+res = run(classes=(10, 128, 1000, 32000, 128256), dtypes=("float32", "float16"),
+          modes=("forward", "forward_grad", "row_stats"), providers=["engine-cpu"],
+          repeats=7, quick=True, json=True, threads=2, roofline=False)
+print("@@" + json.dumps([{k: r[k] for k in ("mode", "dtype", "classes", "gb_s")} for r in res]))
+"""
+
+
+def one(tree):
+    env = dict(os.environ, PYTHONPATH=tree)
+    p = subprocess.run(
+        [sys.executable, "-c", CODE], cwd=tree, env=env, capture_output=True, text=True
+    )
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("@@")]
+    if not line:
+        sys.exit(f"{tree}: {p.stderr[-3000:]}")
+    return json.loads(line[0][2:])
+
+
+def main():
+    before, after, rounds, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    samples = {"before": {}, "after": {}}
+    for r in range(rounds):
+        order = [("before", before), ("after", after)]
+        if r % 2:
+            order.reverse()
+        for name, tree in order:
+            for rec in one(tree):
+                key = f"{rec['mode']} {rec['dtype']} {rec['classes']}"
+                samples[name].setdefault(key, []).append(rec["gb_s"])
+            print(f"round {r} {name} done", file=sys.stderr, flush=True)
+    rows = []
+    for key in samples["before"]:
+        b = statistics.median(samples["before"][key])
+        a = statistics.median(samples["after"][key])
+        rows.append((key, b, a, a / b))
+    json.dump({"samples": samples, "rows": rows}, open(out, "w"), indent=1)
+    print("| mode dtype C | before GB/s | after GB/s | after/before |")
+    print("|---|---:|---:|---:|")
+    for key, b, a, ratio in rows:
+        print(f"| {key} | {b:.2f} | {a:.2f} | {ratio:.2f}x |")
+
+
+main()
