@@ -55,4 +55,5 @@ def main():
         print(f"| {key} | {b:.2f} | {a:.2f} | {ratio:.2f}x |")
 
 
-main()
+if __name__ == "__main__":
+    main()
