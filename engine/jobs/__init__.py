@@ -9,13 +9,12 @@ same numbers wherever it runs.
 from __future__ import annotations
 
 from engine.errors import XentUsageError
+from engine.io.sinks import GRAD_DTYPES
 from engine.jobs import local
 from engine.jobs.finish import Report
 from engine.jobs.spec import JobSpec, keep_tuple, make_spec
 
 __all__ = ["JobSpec", "Report", "evaluate", "gradients", "score"]
-
-GRAD_DTYPES = ("float32", "float16")
 
 
 def evaluate(
