@@ -45,8 +45,13 @@ from engine.jobs.chunks import (
     write_gradients,
 )
 from engine.jobs.cluster import connect, env_number, host_threads, parse_address
-from engine.jobs.finish import Report, gradients_report, metrics_report
-from engine.jobs.local import merge_parts, recorded_metrics
+from engine.jobs.finish import (
+    Report,
+    gradients_report,
+    merge_parts,
+    metrics_report,
+    recorded_metrics,
+)
 from engine.jobs.spec import JobSpec, for_source, open_job_source
 from engine.metrics import MetricState
 from engine.progress import make_progress

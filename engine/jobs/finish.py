@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.io import sinks
 from engine.jobs.chunks import GradSums
 from engine.jobs.spec import JobSpec
 from engine.metrics import MetricState, json_clean, reduce_loss
@@ -60,3 +61,34 @@ def gradients_report(
         "loss": loss,
     }
     return _rates(metrics, sums.rows, sums.nbytes, seconds)
+
+
+def recorded_metrics(writer: sinks.PartsWriter, index: int) -> MetricState | None:
+    """A finished part's metric sums from the manifest (None: written without them).
+
+    Bytes are not carried over: rates describe the work of this run."""
+    data = writer.part_metrics(index)
+    if data is None:
+        return None
+    state = MetricState.from_dict(data)
+    state.logit_bytes = 0
+    return state
+
+
+def merge_parts(parts: dict, spec: JobSpec, directory: str) -> tuple[MetricState, str | None]:
+    """Part states merged in part order (the same sums in the same order on every run),
+    and a warning when some finished parts carry no sums (an older xent wrote them)."""
+    state = MetricState(top_k=spec.top_k)
+    missing = 0
+    for index in sorted(parts):
+        if parts[index] is None:
+            missing += 1
+        else:
+            state.merge(parts[index])
+    warning = None
+    if missing:
+        warning = (
+            f"{directory}: {missing} resumed part(s) were written without their metric sums; "
+            "the metrics cover only the other parts"
+        )
+    return state, warning

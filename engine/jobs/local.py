@@ -14,7 +14,13 @@ from engine.jobs.chunks import (
     probability_warning,
     write_gradients,
 )
-from engine.jobs.finish import Report, gradients_report, metrics_report
+from engine.jobs.finish import (
+    Report,
+    gradients_report,
+    merge_parts,
+    metrics_report,
+    recorded_metrics,
+)
 from engine.jobs.spec import JobSpec, for_source, is_directory_output, open_job_source
 from engine.metrics import MetricState
 from engine.progress import make_progress
@@ -107,37 +113,6 @@ def _score_parts(src: Source, output, spec, classes, kernels, bar, overwrite, re
         bar.update(chunk.num_rows, chunk.logits.nbytes)
     writer.finalize(src.num_rows if src.num_rows is not None else rows)
     return merge_parts(parts, spec, directory=str(output))
-
-
-def recorded_metrics(writer: sinks.PartsWriter, index: int) -> MetricState | None:
-    """A finished part's metric sums from the manifest (None: written without them).
-
-    Bytes are not carried over: rates describe the work of this run."""
-    data = writer.part_metrics(index)
-    if data is None:
-        return None
-    state = MetricState.from_dict(data)
-    state.logit_bytes = 0
-    return state
-
-
-def merge_parts(parts: dict, spec: JobSpec, directory: str) -> tuple[MetricState, str | None]:
-    """Part states merged in part order (the same sums in the same order on every run),
-    and a warning when some finished parts carry no sums (an older xent wrote them)."""
-    state = MetricState(top_k=spec.top_k)
-    missing = 0
-    for index in sorted(parts):
-        if parts[index] is None:
-            missing += 1
-        else:
-            state.merge(parts[index])
-    warning = None
-    if missing:
-        warning = (
-            f"{directory}: {missing} resumed part(s) were written without their metric sums; "
-            "the metrics cover only the other parts"
-        )
-    return state, warning
 
 
 def gradients(
