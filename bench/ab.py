@@ -1,7 +1,8 @@
 """Interleaved A/B of the engine's kernels between two checkouts (same machine, same data).
 
-python bench/ab.py BEFORE_DIR AFTER_DIR ROUNDS OUT.json
-(BEFORE_DIR: e.g. `git worktree add /tmp/before <old commit>`)
+python bench/ab.py BEFORE_DIR AFTER_DIR ROUNDS OUT.json [--full] [--classes 10,128]
+                  [--modes forward,row_stats]
+(--full: ~100 MB cases instead of ~16 MB; BEFORE_DIR: e.g. `git worktree add /tmp/before <old commit>`)
 """
 
 import json
@@ -13,17 +14,18 @@ import sys
 CODE = r"""
 import json, sys
 from bench.kernels import run
-res = run(classes=(10, 128, 1000, 32000, 128256), dtypes=("float32", "float16"),
-          modes=("forward", "forward_grad", "row_stats"), providers=["engine-cpu"],
-          repeats=7, quick=True, json=True, threads=2, roofline=False)
+res = run(classes=CLASSES, dtypes=("float32", "float16"),
+          modes=MODES, providers=["engine-cpu"],
+          repeats=7, quick=QUICK, json=True, threads=2, roofline=False)
 print("@@" + json.dumps([{k: r[k] for k in ("mode", "dtype", "classes", "gb_s")} for r in res]))
 """
 
 
-def one(tree):
+def one(tree, quick, classes, modes):
     env = dict(os.environ, PYTHONPATH=tree)
+    code = f"QUICK = {quick}\nCLASSES = {classes!r}\nMODES = {modes!r}\n" + CODE
     p = subprocess.run(
-        [sys.executable, "-c", CODE], cwd=tree, env=env, capture_output=True, text=True
+        [sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True
     )
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("@@")]
     if not line:
@@ -32,14 +34,27 @@ def one(tree):
 
 
 def main():
-    before, after, rounds, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    argv = sys.argv[1:]
+    quick = "--full" not in argv
+    classes = (10, 128, 1000, 32000, 128256)
+    modes = ("forward", "forward_grad", "row_stats")
+    args = []
+    while argv:
+        a = argv.pop(0)
+        if a == "--classes":
+            classes = tuple(int(c) for c in argv.pop(0).split(","))
+        elif a == "--modes":
+            modes = tuple(argv.pop(0).split(","))
+        elif a != "--full":
+            args.append(a)
+    before, after, rounds, out = args[0], args[1], int(args[2]), args[3]
     samples = {"before": {}, "after": {}}
     for r in range(rounds):
         order = [("before", before), ("after", after)]
         if r % 2:
             order.reverse()
         for name, tree in order:
-            for rec in one(tree):
+            for rec in one(tree, quick, classes, modes):
                 key = f"{rec['mode']} {rec['dtype']} {rec['classes']}"
                 samples[name].setdefault(key, []).append(rec["gb_s"])
             print(f"round {r} {name} done", file=sys.stderr, flush=True)
