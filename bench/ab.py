@@ -2,7 +2,8 @@
 
 python bench/ab.py BEFORE_DIR AFTER_DIR ROUNDS OUT.json [--full] [--classes 10,128]
                   [--modes forward,row_stats]
-(--full: ~100 MB cases instead of ~16 MB; BEFORE_DIR: e.g. `git worktree add /tmp/before <old commit>`)
+(--full: ~100 MB cases instead of ~16 MB.
+ BEFORE_DIR: e.g. `git worktree add /tmp/before <old commit>`)
 """
 
 import json

@@ -11,12 +11,12 @@ __all__ = [
     "row_stats",
 ]
 
-# evaluate / score / gradients (the dataset jobs, engine.jobs) are imported on first use,
+# evaluate / score / gradients / compare (the dataset jobs, engine.jobs) are imported on first use,
 # so that `import engine` stays cheap for in-memory use.
 
 
 def __getattr__(name):
-    if name in ("evaluate", "score", "gradients", "Report"):
+    if name in ("evaluate", "score", "gradients", "compare", "Report"):
         from engine import jobs
 
         return getattr(jobs, name)

@@ -169,3 +169,48 @@ def row_stats(logits, target, **options) -> dict:
     if kl is not None:
         out["kl"] = kl
     return out
+
+
+def compare_rows(base, candidate, target=None, *, temperature=1.0, logits_dtype=None) -> dict:
+    """Per-row values of `xent compare` in float64, the obvious way (SPEC §7):
+    kl = Σ p·(log p − log q), kl_reverse, jsd, tvd, both first argmaxes, the candidate's
+    rank of the base's argmax (ties by index), and with targets both log-probs."""
+
+    def log_softmax(x):
+        x = dtypes.decode(np.asarray(x), logits_dtype).astype(np.float64) / temperature
+        with np.errstate(all="ignore"):
+            m = np.max(x, axis=1, keepdims=True)
+            return x - (m + np.log(np.sum(np.exp(x - m), axis=1, keepdims=True))), x
+
+    la, za = log_softmax(base)
+    lb, zb = log_softmax(candidate)
+    p, q = np.exp(la), np.exp(lb)
+    with np.errstate(all="ignore"):
+        m = 0.5 * (p + q)
+        lm = np.log(m)
+        kl = np.sum(np.where(p > 0, p * (la - lb), 0.0), axis=1)
+        kl_reverse = np.sum(np.where(q > 0, q * (lb - la), 0.0), axis=1)
+        jsd = 0.5 * np.sum(np.where(p > 0, p * (la - lm), 0.0), axis=1) + 0.5 * np.sum(
+            np.where(q > 0, q * (lb - lm), 0.0), axis=1
+        )
+    tvd = 0.5 * np.sum(np.abs(p - q), axis=1)
+    bad = np.isnan(la).any(axis=1) | np.isnan(lb).any(axis=1)
+    for v in (kl, kl_reverse, jsd, tvd):
+        v[bad] = np.nan
+    ia = np.argmax(za, axis=1)
+    ib = np.argmax(zb, axis=1)
+    n, c = za.shape
+    star = zb[np.arange(n), ia][:, None]
+    before = np.arange(c)[None, :] < ia[:, None]
+    rank = np.sum((zb > star) | ((zb == star) & before), axis=1)
+    out = {
+        "kl": kl, "kl_reverse": kl_reverse, "jsd": jsd, "tvd": tvd,
+        "base_argmax": ia, "candidate_argmax": ib, "candidate_rank": rank,
+    }  # fmt: skip
+    if target is not None:
+        y = np.asarray(target, dtype=np.int64)
+        ok = y >= 0
+        yy = np.where(ok, y, 0)
+        out["logp_base"] = np.where(ok, la[np.arange(n), yy], np.nan)
+        out["logp_candidate"] = np.where(ok, lb[np.arange(n), yy], np.nan)
+    return out

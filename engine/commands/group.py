@@ -24,6 +24,11 @@ COMMANDS = {
         "bench_cmd",
         "The fused kernels against torch.nn.functional.cross_entropy (in memory).",
     ),
+    "compare": (
+        "engine.commands.compare",
+        "compare_cmd",
+        "Two models' logits over the same rows: KL, JSD, TVD, agreement, NLL ratio.",
+    ),
     "demo": (
         "engine.commands.demo",
         "demo_cmd",

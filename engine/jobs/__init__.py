@@ -1,4 +1,5 @@
-"""The jobs over datasets: evaluate (metrics), score (a row per row), gradients.
+"""The jobs over datasets: evaluate (metrics), score (a row per row), gradients, and
+compare (two models over the same rows).
 
 The front door builds one validated `JobSpec` from the keyword arguments and hands it to a
 runner: `local` (this process) or `dask` (one task per fragment on Dask distributed). Both
@@ -14,7 +15,7 @@ from engine.jobs import local
 from engine.jobs.finish import Report
 from engine.jobs.spec import JobSpec, keep_tuple, make_spec
 
-__all__ = ["JobSpec", "Report", "evaluate", "gradients", "score"]
+__all__ = ["JobSpec", "Report", "compare", "evaluate", "gradients", "score"]
 
 
 def evaluate(
@@ -153,3 +154,55 @@ def gradients(
 
         return runner.gradients(source, output, spec, address=dask, **runner_kwargs)
     return local.gradients(source, output, spec, threads=threads, **runner_kwargs)
+
+
+def compare(
+    base,
+    candidate,
+    *,
+    logits="logits",
+    candidate_logits=None,
+    target="target",
+    on=None,
+    vocab=None,
+    temperature=1.0,
+    top_k=(5, 10),
+    group_by=None,
+    output=None,
+    keep=(),
+    overwrite=False,
+    nan_policy="error",
+    logits_dtype=None,
+    chunk_rows=None,
+    device="auto",
+    dask=None,
+    progress=False,
+    threads=None,
+) -> Report:
+    """Two models' logits over the same rows: KL both ways, JSD, TVD, top-k agreement and,
+    with a target, each model's NLL and their ratio (SPEC §7). ``output`` writes the
+    per-row values (one row per input row, ``keep`` columns from ``base``)."""
+    from engine.jobs import comparison as job
+
+    spec = job.CompareSpec(
+        temperature=temperature,
+        top_k=tuple(top_k),
+        vocab=vocab,
+        on=keep_tuple(on),
+        nan_policy=nan_policy,
+        logits_dtype=logits_dtype,
+        chunk_rows=chunk_rows,
+    )
+    if dask:
+        from engine.jobs import dask_comparison as runner
+
+        return runner.compare(
+            base, candidate, spec, logits=logits, candidate_logits=candidate_logits,
+            target=target, group_by=group_by, output=output, keep=keep, overwrite=overwrite,
+            address=dask, progress=progress,
+        )  # fmt: skip
+    return job.run(
+        base, candidate, spec, logits=logits, candidate_logits=candidate_logits, target=target,
+        group_by=group_by, output=output, keep=keep, overwrite=overwrite, device=device,
+        progress=progress, threads=threads,
+    )  # fmt: skip

@@ -27,10 +27,24 @@ import numba
 import numpy as np
 
 from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, Problem
+from engine.kernels.cpu.compare import (
+    I_BASE_ARGMAX,
+    I_CANDIDATE_ARGMAX,
+    I_CANDIDATE_RANK,
+    N_IDX,
+    N_VALS,
+    V_JSD,
+    V_KL,
+    V_KL_REVERSE,
+    V_LOGP_BASE,
+    V_LOGP_CANDIDATE,
+    V_TVD,
+    compare_kernel,
+)
 from engine.kernels.cpu.parallel import forward_grad_kernel, forward_kernel, stats_kernel
 from engine.options import KIND_LOGITS
 
-__all__ = ["forward", "forward_grad", "stats"]
+__all__ = ["compare", "forward", "forward_grad", "stats"]
 
 # -- host side: Problem -> kernel arguments -------------------------------------------------
 
@@ -136,3 +150,40 @@ def stats(p: Problem) -> dict:
     if not p.soft:
         del res["kl"]
     return res
+
+
+# -- comparing two models' rows (engine/kernels/cpu/compare.py) ----------------------------
+
+_KERNEL_VIEWS = {"float16": np.uint16, "bfloat16": np.int16}
+
+
+def compare(a: np.ndarray, kind_a: str, b: np.ndarray, kind_b: str, y, temperature: float):
+    """Per-row values of two models' logits (rows x C each; kinds from engine.dtypes):
+    dict of kl, kl_reverse, jsd, tvd, logp_base, logp_candidate (float64; log-probs NaN
+    where y < 0) and base_argmax, candidate_argmax, candidate_rank (int64).
+    ``y``: int64 targets (-1: none), or None."""
+    n = a.shape[0]
+    like_a = np.empty(0, np.float64 if kind_a == "float64" else np.float32)
+    like_b = np.empty(0, np.float64 if kind_b == "float64" else np.float32)
+    like = np.empty(0, np.float64 if "float64" in (kind_a, kind_b) else np.float32)
+    vals = np.empty((N_VALS, n))
+    idx = np.empty((N_IDX, n), np.int64)
+    yk = np.zeros(0, np.int64) if y is None else np.ascontiguousarray(y, dtype=np.int64)
+    if n:
+        va = a.view(_KERNEL_VIEWS[kind_a]) if kind_a in _KERNEL_VIEWS else a
+        vb = b.view(_KERNEL_VIEWS[kind_b]) if kind_b in _KERNEL_VIEWS else b
+        compare_kernel(
+            va, vb, yk, 1.0 / float(temperature), like_a, like_b, like,
+            numba.get_num_threads(), vals, idx,
+        )  # fmt: skip
+    return {
+        "kl": vals[V_KL],
+        "kl_reverse": vals[V_KL_REVERSE],
+        "jsd": vals[V_JSD],
+        "tvd": vals[V_TVD],
+        "logp_base": vals[V_LOGP_BASE],
+        "logp_candidate": vals[V_LOGP_CANDIDATE],
+        "base_argmax": idx[I_BASE_ARGMAX],
+        "candidate_argmax": idx[I_CANDIDATE_ARGMAX],
+        "candidate_rank": idx[I_CANDIDATE_RANK],
+    }

@@ -411,7 +411,7 @@ def row_stats(z, w, t, yi, eps, zeta, kind, W, bms):
     L = M + math.log(S) if kind == KIND_LOGITS else 0.0
     r = math.exp(M - L)  # 1/S for logits: the max probability
     entropy = r * (H + S * (L - M))
-    am = _first_max_index(z, as_t(M, w), S != S)
+    am = first_max_index(z, as_t(M, w), S != S)
     kl = np.nan
     if soft:
         # target class for rank/accuracy: argmax of the target distribution
@@ -446,7 +446,7 @@ def row_stats(z, w, t, yi, eps, zeta, kind, W, bms):
 
 
 @njit(**JIT)
-def _first_max_index(z, M, has_nan):
+def first_max_index(z, M, has_nan):
     """First index of the max M (of the first NaN when the row has one, as torch.argmax).
 
     Scanned in chunks of 64 whose match count vectorises, then the hit chunk element by

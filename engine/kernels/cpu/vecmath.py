@@ -122,6 +122,19 @@ def _sub_exact(typingctx, a, b):
     return types.float32(a, b), codegen
 
 
+@intrinsic
+def sub_strict(typingctx, a, b):
+    """a - b (float32 or float64) without fast-math flags: ``reassoc`` may not move it, so
+    (zb - za) + K stays a difference of two nearby logits plus K, never zb - (za - K)."""
+    if not (a == b and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return a(a, b), codegen
+
+
 _LOG2E = np.float32(1.4426950408889634)
 # 1.5 * 2^23 + 127: t = x*log2e + _MAGIC rounds x*log2e to an integer n in the adder and
 # leaves n + 127 (the biased exponent of 2^n) in t's low mantissa bits.
