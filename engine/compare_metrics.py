@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.metrics import json_clean, standard_error
+from engine.metrics import MetricState, json_clean, standard_error
 from engine.quantiles import LogHistogram
 
 KL_PERCENTILES = (
@@ -189,44 +189,11 @@ def _exp(x: float) -> float:
 
 
 @dataclass
-class CompareState:
-    """Overall sums plus per-group sums, and the bytes read (both inputs)."""
+class CompareState(MetricState):
+    """Overall sums plus per-group sums (CompareSums), and the bytes of both inputs."""
 
+    SUMS = CompareSums
     top_k: tuple[int, ...] = (5, 10)
-    total: CompareSums = None  # type: ignore[assignment]
-    groups: dict = field(default_factory=dict)
-    logit_bytes: int = 0
-
-    def __post_init__(self):
-        if self.total is None:
-            self.total = CompareSums(top_k=self.top_k)
-
-    def group(self, key) -> CompareSums:
-        if key not in self.groups:
-            self.groups[key] = CompareSums(top_k=self.top_k)
-        return self.groups[key]
-
-    def merge(self, other: CompareState) -> CompareState:
-        self.total.merge(other.total)
-        for key, sums in other.groups.items():
-            self.group(key).merge(sums)
-        self.logit_bytes += other.logit_bytes
-        return self
-
-    def to_dict(self) -> dict:
-        return {
-            "top_k": list(self.top_k),
-            "total": self.total.to_dict(),
-            "groups": {str(k): v.to_dict() for k, v in self.groups.items()},
-            "logit_bytes": self.logit_bytes,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CompareState:
-        state = cls(top_k=tuple(d["top_k"]), total=CompareSums.from_dict(d["total"]))
-        state.groups = {k: CompareSums.from_dict(v) for k, v in d["groups"].items()}
-        state.logit_bytes = int(d["logit_bytes"])
-        return state
 
     def report(
         self, *, classes: int, temperature: float, with_target: bool, seconds: float

@@ -240,8 +240,12 @@ def json_clean(value):
 
 @dataclass
 class MetricState:
-    """Overall sums plus per-group sums: what a job (or a Dask task) returns."""
+    """Overall sums plus per-group sums: what a job (or a Dask task) returns.
 
+    ``SUMS`` is the class of the sums (MetricSums here; compare_metrics.CompareState
+    reuses everything else with its own)."""
+
+    SUMS = MetricSums
     top_k: tuple[int, ...] = (1, 5)
     total: MetricSums = None  # type: ignore[assignment]
     groups: dict = field(default_factory=dict)
@@ -249,11 +253,11 @@ class MetricState:
 
     def __post_init__(self):
         if self.total is None:
-            self.total = MetricSums(top_k=self.top_k)
+            self.total = self.SUMS(top_k=self.top_k)
 
     def group(self, key) -> MetricSums:
         if key not in self.groups:
-            self.groups[key] = MetricSums(top_k=self.top_k)
+            self.groups[key] = self.SUMS(top_k=self.top_k)
         return self.groups[key]
 
     def to_dict(self) -> dict:
@@ -266,8 +270,8 @@ class MetricState:
 
     @classmethod
     def from_dict(cls, data: dict) -> MetricState:
-        state = cls(top_k=tuple(data["top_k"]), total=MetricSums.from_dict(data["total"]))
-        state.groups = {k: MetricSums.from_dict(v) for k, v in data["groups"].items()}
+        state = cls(top_k=tuple(data["top_k"]), total=cls.SUMS.from_dict(data["total"]))
+        state.groups = {k: cls.SUMS.from_dict(v) for k, v in data["groups"].items()}
         state.logit_bytes = int(data["logit_bytes"])
         return state
 
