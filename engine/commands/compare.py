@@ -110,8 +110,10 @@ from engine.commands.output import (
 @click.option("--dask", metavar="ADDRESS|local:N", default=None, help="Run on Dask.")
 @debug_option
 def compare_cmd(base, candidate, top_k, as_json, json_output, no_progress, output, **kw):
-    """Two models' logits over the same rows: KL both ways, JSD, TVD, top-k agreement, and
-    with a target each model's NLL, perplexity and their ratio."""
+    """Two models' logits over the same rows: KL, JSD, TVD, agreement, NLL ratio.
+
+    KL both ways, Jensen-Shannon and total variation distance, top-1 and top-k agreement,
+    and with a target column each model's NLL, perplexity and accuracy, and their ratio."""
     import engine
 
     kw.pop("debug", None)

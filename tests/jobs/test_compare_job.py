@@ -274,3 +274,10 @@ def test_paired_chunks_cut_at_both_sides_edges(tmp_path, rng):
         seen += ca.num_rows
     assert seen == 100
     assert isinstance(pa.table({"a": [1]}), pa.Table)
+
+
+def test_dask_is_refused_plainly(tmp_path, rng):
+    x, z, y = _pair(rng, rows=10)
+    a = write_dataset(tmp_path / "a.parquet", x, y)
+    with pytest.raises(XentUsageError, match="Dask"):
+        engine.compare(a, a, dask="local:1")
