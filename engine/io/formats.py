@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
+from engine.io.llama import LlamaKldReader
 from engine.io.paths import ARROW_ERRORS, detect_format, locate, open_random, unreadable
 
 # --------------------------------------------------------------------------------------
@@ -230,6 +231,8 @@ def open_reader(path: str):
         return ParquetReader(path)
     if fmt == "arrow-file":
         return IpcFileReader(path)
+    if fmt == "llama-kld":
+        return LlamaKldReader(path)
     return IpcStreamReader(path)
 
 

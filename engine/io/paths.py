@@ -20,6 +20,7 @@ DATA_SUFFIXES = (".parquet", ".pq", ".parq", ".arrow", ".feather", ".ipc", ".arr
 _GLOB_CHARS = "*?["
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_FILE_MAGIC = b"ARROW1"
+_LLAMA_KLD_MAGIC = b"_logits_"  # llama.cpp --kl-divergence-base files (engine/io/llama.py)
 _STREAM_CONTINUATION = b"\xff\xff\xff\xff"
 
 # --------------------------------------------------------------------------------------
@@ -111,7 +112,9 @@ def _looks_like_data(path: str) -> bool:
     if path.lower().endswith(DATA_SUFFIXES):
         return True
     head = read_magic(path)
-    return head.startswith((_PARQUET_MAGIC, _ARROW_FILE_MAGIC, _STREAM_CONTINUATION))
+    return head.startswith(
+        (_PARQUET_MAGIC, _ARROW_FILE_MAGIC, _LLAMA_KLD_MAGIC, _STREAM_CONTINUATION)
+    )
 
 
 def _scan_directory(path: str) -> list[str]:
@@ -235,7 +238,8 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def detect_format(path: str) -> str:
-    """'parquet' or 'arrow-file' from the magic bytes; anything else may be a stream.
+    """'parquet', 'arrow-file' or 'llama-kld' from the magic bytes; anything else may be a
+    stream.
 
     IPC streams have no magic (modern ones open with a 0xFFFFFFFF continuation marker,
     old ones with a length), so the stream reader is left to accept or refuse them.
@@ -247,6 +251,8 @@ def detect_format(path: str) -> str:
         return "parquet"
     if head.startswith(_ARROW_FILE_MAGIC):
         return "arrow-file"
+    if head.startswith(_LLAMA_KLD_MAGIC):
+        return "llama-kld"
     return "arrow-stream"
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 #: by default; with another ignore_index it would be out of range and raise, not miscount.
 NULL_TARGET = -100
 
-FORMATS = ("parquet", "arrow-file", "arrow-stream")
+FORMATS = ("parquet", "arrow-file", "arrow-stream", "llama-kld")
 LAYOUTS = ("fixed_size_list", "list", "large_list", "fixed_shape_tensor", "wide")
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
