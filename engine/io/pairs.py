@@ -35,6 +35,17 @@ def slice_chunk(chunk: Chunk, start: int, stop: int) -> Chunk:
     )
 
 
+def rows_between(chunks, start: int, stop: int) -> Iterator[Chunk]:
+    """The parts of ``chunks`` (in row order) that hold global rows [start, stop)."""
+    for chunk in chunks:
+        lo = max(start, chunk.row)
+        hi = min(stop, chunk.row + chunk.num_rows)
+        if hi > lo:
+            yield slice_chunk(chunk, lo - chunk.row, hi - chunk.row)
+        if chunk.row + chunk.num_rows >= stop:
+            return
+
+
 def paired_chunks(
     base: Source, candidate: Source, chunk_rows: int
 ) -> Iterator[tuple[Chunk, Chunk]]:
@@ -43,8 +54,16 @@ def paired_chunks(
     A side that ends first is an error naming both files and row counts (streams, whose
     row counts are known only at their end, are checked here rather than up front).
     """
-    left = base.iter_chunks(chunk_rows=chunk_rows)
-    right = candidate.iter_chunks(chunk_rows=chunk_rows)
+    yield from pair_streams(
+        base.iter_chunks(chunk_rows=chunk_rows),
+        candidate.iter_chunks(chunk_rows=chunk_rows),
+        base.files[0].path,
+        candidate.files[0].path,
+    )
+
+
+def pair_streams(left, right, left_name: str, right_name: str):
+    """Pairs of two chunk iterators over the same rows, cut where their edges differ."""
     a = b = None
     ai = bi = 0  # rows of the current chunks already paired
     rows = 0
@@ -56,8 +75,13 @@ def paired_chunks(
         if a is None or b is None:
             if a is not None or b is not None:
                 rest = a.num_rows - ai if a is not None else b.num_rows - bi
-                _unequal(
-                    base, candidate, rows, rest, left if a is not None else right, a is not None
+                rest += sum(c.num_rows for c in (left if a is not None else right))
+                counts = (rows + rest, rows) if a is not None else (rows, rows + rest)
+                raise XentInputError(
+                    f"the two sources have different row counts: {left_name} has "
+                    f"{counts[0]}, {right_name} has {counts[1]}; compare pairs rows by "
+                    "position",
+                    file=left_name if a is not None else right_name,
                 )
             return
         take = min(a.num_rows - ai, b.num_rows - bi)
@@ -72,15 +96,3 @@ def _next_nonempty(chunks):
         if chunk.num_rows:
             return chunk
     return None
-
-
-def _unequal(base, candidate, rows, rest, longer_chunks, base_longer):
-    rest += sum(chunk.num_rows for chunk in longer_chunks)
-    a_rows = rows + (rest if base_longer else 0)
-    b_rows = rows + (0 if base_longer else rest)
-    longer = base if base_longer else candidate
-    raise XentInputError(
-        f"the two sources have different row counts: {base.files[0].path} has {a_rows}, "
-        f"{candidate.files[0].path} has {b_rows}; compare pairs rows by position",
-        file=longer.files[0].path,
-    )

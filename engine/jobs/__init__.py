@@ -194,8 +194,13 @@ def compare(
         chunk_rows=chunk_rows,
     )
     if dask:
-        # (the fragments of a comparison are row ranges of both sides: not built yet)
-        raise XentUsageError("compare does not run on Dask yet: drop --dask (dask=)")
+        from engine.jobs import dask_comparison as runner
+
+        return runner.compare(
+            base, candidate, spec, logits=logits, candidate_logits=candidate_logits,
+            target=target, group_by=group_by, output=output, keep=keep, overwrite=overwrite,
+            address=dask, progress=progress, threads=threads,
+        )  # fmt: skip
     return job.run(
         base, candidate, spec, logits=logits, candidate_logits=candidate_logits, target=target,
         group_by=group_by, output=output, keep=keep, overwrite=overwrite, device=device,

@@ -276,8 +276,31 @@ def test_paired_chunks_cut_at_both_sides_edges(tmp_path, rng):
     assert isinstance(pa.table({"a": [1]}), pa.Table)
 
 
-def test_dask_is_refused_plainly(tmp_path, rng):
-    x, z, y = _pair(rng, rows=10)
-    a = write_dataset(tmp_path / "a.parquet", x, y)
-    with pytest.raises(XentUsageError, match="Dask"):
-        engine.compare(a, a, dask="local:1")
+def test_dask_equals_local(tmp_path, rng, monkeypatch):
+    """Row ranges from the base's row groups; the candidate's files and groups differ."""
+    pytest.importorskip("distributed")
+    monkeypatch.setenv("XENT_DASK_FRAGMENT_ROWS", "40")
+    x, z, y = _pair(rng, rows=150)
+    g = np.array(["a", "b", "c"])[rng.integers(0, 3, 150)]
+    a = write_dataset(tmp_path / "a.parquet", x, y, row_group_rows=30, columns={"g": g})
+    b1 = write_dataset(tmp_path / "b1.arrow", z[:70], y[:70], fmt="arrow-file")
+    b2 = write_dataset(tmp_path / "b2.parquet", z[70:], y[70:], row_group_rows=25)
+    local = engine.compare(a, [b1, b2], group_by="g").to_dict()
+    remote = engine.compare(a, [b1, b2], group_by="g", dask="local:2").to_dict()
+    for key in ("rows", "counted", "ignored"):
+        assert remote[key] == local[key]
+    for q in ("max", "p99", "median", "min"):
+        assert remote["kl"][q] == local["kl"][q]
+        assert remote["delta_p"][q] == local["delta_p"][q]
+    assert remote["kl"]["mean"] == pytest.approx(local["kl"]["mean"], rel=1e-12)
+    assert remote["ppl_ratio"]["mean"] == pytest.approx(local["ppl_ratio"]["mean"], rel=1e-12)
+    assert remote["groups"]["b"]["kl"]["mean"] == pytest.approx(
+        local["groups"]["b"]["kl"]["mean"], rel=1e-12
+    )
+    y2 = y.copy()
+    y2[111] = (y[111] + 1) % 37
+    c = write_dataset(tmp_path / "c.parquet", z, y2, row_group_rows=50)
+    with pytest.raises(XentInputError, match="targets differ at row 111"):
+        engine.compare(a, c, dask="local:1")
+    with pytest.raises(XentUsageError, match="-o"):
+        engine.compare(a, c, dask="local:1", output=tmp_path / "rows.parquet")
