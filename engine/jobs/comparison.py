@@ -316,9 +316,7 @@ def rows_table(rows: dict, keep: pa.Table | None, with_target: bool, keep_names)
 def run(base, candidate, spec: CompareSpec, *, logits, candidate_logits, target, group_by,
         output, keep, overwrite, device, progress, threads) -> Report:  # fmt: skip
     set_threads(threads or None)
-    if api.resolve_device(device) != "cpu":
-        raise XentUsageError("compare runs on the CPU in this version (use --device cpu)")
-    from engine.kernels import cpu as kernels
+    kernels = api.backend(device)  # CPU, or the CUDA twin (engine/kernels/cuda/divergence.py)
 
     keep = keep_tuple(keep)
     sides = open_sides(

@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 from engine.kernels import STORAGE_BF16_BITS, STORAGE_F16_BITS, Problem
-from engine.kernels.cpu.compare import (
+from engine.kernels.cpu.divergence import (
     I_BASE_ARGMAX,
     I_CANDIDATE_ARGMAX,
     I_CANDIDATE_RANK,
@@ -152,7 +152,7 @@ def stats(p: Problem) -> dict:
     return res
 
 
-# -- comparing two models' rows (engine/kernels/cpu/compare.py) ----------------------------
+# -- comparing two models' rows (engine/kernels/cpu/divergence.py) ---------------------
 
 _KERNEL_VIEWS = {"float16": np.uint16, "bfloat16": np.int16}
 

@@ -26,8 +26,9 @@ from engine.kernels.cuda.driver import (
 from engine.kernels.cuda.sim import simulated
 
 __all__ = [
-    "LaunchConfig",
     "NO_CUDA_MESSAGE",
+    "LaunchConfig",
+    "compare",
     "forward",
     "forward_grad",
     "is_available",
@@ -61,3 +62,8 @@ def stats(p: Problem) -> dict:
     """RowStats arrays: loss, lse, target_logprob, argmax, max_prob, entropy, target_rank
     (and kl for soft targets); floats in the compute dtype, argmax / target_rank int64."""
     return driver.run(p, "stats")
+
+
+def compare(a, kind_a: str, b, kind_b: str, y, temperature: float) -> dict:
+    """Per-row values of two models' logits (see engine.kernels.cpu.compare)."""
+    return driver.run_compare(a, kind_a, b, kind_b, y, temperature)

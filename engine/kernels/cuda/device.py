@@ -53,7 +53,7 @@ import numpy as np
 
 import engine.kernels.cuda.sim as sim
 
-__all__ = ["build", "kernels"]
+__all__ = ["build", "helpers", "kernels"]
 
 # numba.cuda, bound on first use: importing it costs ~0.5 s and must not happen on import.
 cuda = None
@@ -166,6 +166,12 @@ def build() -> None:
 
         dev.update(rsum3=rsum3, rargmax=rargmax, bf16_value=bf16_value)
         _DEV = dev
+
+
+def helpers() -> dict:
+    """The type-generic device helpers (rsum3, rargmax, bf16_value), built on first use."""
+    build()
+    return _DEV
 
 
 def kernels(bf16: bool, compute: np.dtype):

@@ -337,3 +337,41 @@ def run(p: Problem, mode: str, scale=None, zscale=None, out=None) -> dict:
                 for st in streams:
                     st.synchronize()
     return results
+
+
+def run_compare(a, kind_a: str, b, kind_b: str, y, temperature: float) -> dict:
+    """The compare kernel over one chunk pair (rows x C each, kinds from engine.dtypes):
+    the per-row values by name, as engine.kernels.cpu.compare returns them. The job layer
+    hands chunks of bounded size, so one transfer each way per call."""
+    _require()
+    from numba import cuda
+
+    from engine.kernels.cuda.divergence import compare_kernel
+
+    compute = np.dtype(np.float64 if "float64" in (kind_a, kind_b) else np.float32)
+    n, C = a.shape
+    vals = np.full((6, n), np.nan, dtype=compute)
+    idx = np.zeros((3, n), dtype=np.int64)
+    if n and C:
+        views = {"bfloat16": np.uint16}
+        ha = np.ascontiguousarray(a.view(views[kind_a]) if kind_a in views else a)
+        hb = np.ascontiguousarray(b.view(views[kind_b]) if kind_b in views else b)
+        hy = np.zeros(0, np.int64) if y is None else np.ascontiguousarray(y, dtype=np.int64)
+        kernel = compare_kernel(kind_a == "bfloat16", kind_b == "bfloat16", compute)
+        grid, block, T = launch_shape(n, C, _launch_config())
+        with _RUN_LOCK, warnings.catch_warnings():
+            _quiet_launch_warnings()
+            dv = cuda.to_device(vals)
+            di = cuda.to_device(idx)
+            dy = cuda.to_device(hy if hy.size else np.zeros(0, np.int64))
+            kernel[grid, block](
+                cuda.to_device(ha), cuda.to_device(hb), dy, _scalar(compute, 1.0 / temperature),
+                dv, di, n, C, T,
+            )  # fmt: skip
+            vals = dv.copy_to_host()
+            idx = di.copy_to_host()
+    names = ("kl", "kl_reverse", "jsd", "tvd", "logp_base", "logp_candidate")
+    out = {k: vals[i].astype(np.float64) for i, k in enumerate(names)}
+    for i, k in enumerate(("base_argmax", "candidate_argmax", "candidate_rank")):
+        out[k] = idx[i]
+    return out

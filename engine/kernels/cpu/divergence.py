@@ -32,7 +32,7 @@ from numba.extending import register_jitable
 from engine.kernels.cpu.blocks import BLOCK
 from engine.kernels.cpu.rows import first_max_index, row_reduce
 from engine.kernels.cpu.scalars import JIT, PAR, as_t, vexp, widen
-from engine.kernels.cpu.vecmath import sub_strict
+from engine.kernels.cpu.vecmath import max_skip_nan, sub_strict
 
 # rows of ``vals`` (float64, one column per input row)
 V_KL, V_KL_REVERSE, V_JSD, V_TVD, V_LOGP_BASE, V_LOGP_CANDIDATE = range(6)
@@ -196,6 +196,25 @@ def _block_divergences(za, zb, lo, hi, Ma, la0, Mb, lb0, K, vstar, like):
     return kl, klr, js, tv, rank
 
 
+@register_jitable
+def _short_row_sums(za, zb, like_a, like_b):
+    """(max, Σ exp(z - max)) of both rows of one block: one loop for both maxima, one for
+    both sums (row_reduce's block machinery costs more than the work at small C). NaN is
+    skipped by the max and poisons the sum; an all -inf row gives max -inf, sum NaN."""
+    ma = as_t(-np.inf, like_a)
+    mb = as_t(-np.inf, like_b)
+    for j in range(za.shape[0]):
+        ma = max_skip_nan(widen(za[j]), ma)
+    for j in range(zb.shape[0]):
+        mb = max_skip_nan(widen(zb[j]), mb)
+    sa = as_t(0.0, like_a)
+    sb = as_t(0.0, like_b)
+    for j in range(za.shape[0]):
+        sa += vexp(widen(za[j]) - ma)
+        sb += vexp(widen(zb[j]) - mb)
+    return np.float64(ma), np.float64(sa), np.float64(mb), np.float64(sb)
+
+
 @njit(**JIT)
 def _ties_before(z, end, v):
     n = 0
@@ -208,10 +227,13 @@ def _ties_before(z, end, v):
 def compare_row(za, zb, yi, like_a, like_b, like, bms, vals, idx, i):
     """Every per-row value of one row pair (za, zb: storage or scaled rows)."""
     C = za.shape[0]
-    empty = like_a[0:0]
-    Ma, Sa, _, _, _ = row_reduce(za, like_a, empty, 1.0, 0.0, True, False, False, empty, bms)
-    emptyb = like_b[0:0]
-    Mb, Sb, _, _, _ = row_reduce(zb, like_b, emptyb, 1.0, 0.0, True, False, False, emptyb, bms)
+    if C <= BLOCK:
+        Ma, Sa, Mb, Sb = _short_row_sums(za, zb, like_a, like_b)
+    else:
+        empty = like_a[0:0]
+        Ma, Sa, _, _, _ = row_reduce(za, like_a, empty, 1.0, 0.0, True, False, False, empty, bms)
+        emptyb = like_b[0:0]
+        Mb, Sb, _, _, _ = row_reduce(zb, like_b, emptyb, 1.0, 0.0, True, False, False, emptyb, bms)
     ia = first_max_index(za, as_t(Ma, like_a), Sa != Sa)
     ib = first_max_index(zb, as_t(Mb, like_b), Sb != Sb)
     log_sa = math.log(Sa)
