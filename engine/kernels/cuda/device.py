@@ -53,7 +53,7 @@ import numpy as np
 
 import engine.kernels.cuda.sim as sim
 
-__all__ = ["build", "helpers", "kernels"]
+__all__ = ["build", "helpers", "kernels", "make_load"]
 
 # numba.cuda, bound on first use: importing it costs ~0.5 s and must not happen on import.
 cuda = None
@@ -174,6 +174,25 @@ def helpers() -> dict:
     return _DEV
 
 
+def make_load(bf16: bool, F):
+    """A device function ``load(x, r, j)``: element (r, j) of a logits array as the compute
+    type F (bfloat16 bit patterns decoded exactly, other storages converted)."""
+    bf16_value = helpers()["bf16_value"]
+    if bf16:
+
+        @cuda.jit(device=True)
+        def load(x, r, j):
+            return F(bf16_value(x[r, j]))
+
+    else:
+
+        @cuda.jit(device=True)
+        def load(x, r, j):
+            return F(x[r, j])
+
+    return load
+
+
 def kernels(bf16: bool, compute: np.dtype):
     """(loss_kernel, stats_kernel) for one logits encoding and compute precision."""
     key = (bool(bf16), np.dtype(compute).name)
@@ -196,19 +215,7 @@ def _make_kernels(bf16: bool, compute: np.dtype):
     ONE = F(1.0)
     TWO = F(2.0)
     rsum3, rargmax = _DEV["rsum3"], _DEV["rargmax"]
-    bf16_value = _DEV["bf16_value"]
-
-    if bf16:
-
-        @cuda.jit(device=True)
-        def load(x, r, j):
-            return F(bf16_value(x[r, j]))
-
-    else:
-
-        @cuda.jit(device=True)
-        def load(x, r, j):
-            return F(x[r, j])
+    load = make_load(bf16, F)
 
     @cuda.jit(device=True)
     def transform(v, kind, cap, tiny):

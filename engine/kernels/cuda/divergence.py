@@ -41,11 +41,7 @@ def _make(bf16_a: bool, bf16_b: bool, compute: str):
 
     cuda = _cuda
     helpers = device.helpers()
-    rsum3, rargmax, bf16_value = (
-        helpers["rsum3"],
-        helpers["rargmax"],
-        helpers["bf16_value"],
-    )
+    rsum3, rargmax = helpers["rsum3"], helpers["rargmax"]
     F = types.float32 if compute == "float32" else types.float64
     I64 = types.int64
     NEG_INF = F(-math.inf)
@@ -54,23 +50,8 @@ def _make(bf16_a: bool, bf16_b: bool, compute: str):
     ONE = F(1.0)
     HALF = F(0.5)
 
-    def loader(bf16):
-        if bf16:
-
-            @cuda.jit(device=True)
-            def load(x, r, j):
-                return F(bf16_value(x[r, j]))
-
-        else:
-
-            @cuda.jit(device=True)
-            def load(x, r, j):
-                return F(x[r, j])
-
-        return load
-
-    load_a = loader(bf16_a)
-    load_b = loader(bf16_b)
+    load_a = device.make_load(bf16_a, F)
+    load_b = device.make_load(bf16_b, F)
 
     @cuda.jit(device=True)
     def terms(p, q, d):
