@@ -131,3 +131,36 @@ def test_empty():
     x = np.zeros((0, 10), np.float32)
     got = cpu.compare(x, "float32", x, "float32", None, 1.0)
     assert all(v.shape == (0,) for v in got.values())
+
+
+@pytest.mark.parametrize("classes", [1, 3, 10, 64])
+@pytest.mark.parametrize(
+    "kinds", [("float32", "float32"), ("bfloat16", "float16"), ("float64", "float32")]
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_many_short_rows(rng, classes, kinds, temperature):
+    """300 short rows split over threads, among them rows with NaN, +inf, nothing finite,
+    half-masked rows and ties (rounded logits)."""
+    n = 300
+    x = np.round(rng.standard_normal((n, classes)) * 3, 1).astype(np.float32)  # ties too
+    z = (x + rng.standard_normal((n, classes)) * rng.choice([0.01, 1.0], (n, 1))).astype(np.float32)
+    x[5, 0] = np.nan
+    z[70, -1] = np.inf
+    x[100, :] = -np.inf
+    z[130, :] = -np.inf
+    if classes > 1:
+        x[160, : classes // 2] = -np.inf
+        z[161, : classes // 2] = -np.inf
+    a, b = _store(x, kinds[0]), _store(z, kinds[1])
+    y = rng.integers(0, classes, n)
+    y[::7] = -1
+    got = cpu.compare(a, kinds[0], b, kinds[1], y, temperature)
+    ref_a = a if kinds[0] != "bfloat16" else dtypes.bf16_bits_to_float32(a)
+    ref_b = b if kinds[1] != "bfloat16" else dtypes.bf16_bits_to_float32(b)
+    exp = R.compare_rows(ref_a, ref_b, y, temperature=temperature)
+    for key in FLOAT_KEYS:
+        np.testing.assert_allclose(got[key], exp[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in ("base_argmax", "candidate_argmax", "candidate_rank"):
+        np.testing.assert_array_equal(got[key], exp[key], err_msg=key)
+    for key in ("logp_base", "logp_candidate"):
+        np.testing.assert_allclose(got[key], exp[key], rtol=2e-6, atol=2e-6, err_msg=key)
