@@ -242,12 +242,11 @@ def compare_chunk(
     xb = _matrix(b, sides.candidate, spec, spec.vocab)
     values = kernels.compare(xa[0], xa[1], xb[0], xb[1], y, spec.temperature)
     bad = _nan_rows(values, a, b, xa, xb, spec.nan_policy)
-    if spec.nan_policy == "skip":
-        counted = ~ignored & ~bad
-        nan_count = int(np.count_nonzero(bad & ~ignored))
-    else:
-        counted = ~ignored
-        nan_count = int(np.count_nonzero(bad & ~ignored))
+    # nan_rows counts the rows skip drops (as eval); propagate keeps them, NaN and all
+    skip = spec.nan_policy == "skip"
+    counted = ~ignored & ~bad if skip else ~ignored
+    dropped = bad & ~ignored if skip else np.zeros_like(bad)
+    nan_count = int(np.count_nonzero(dropped))
     rows = dict(values)
     rows["kl"] = np.maximum(rows["kl"], 0.0)  # (each term is >= 0; rounding cannot go below)
     if y is not None:
@@ -263,7 +262,7 @@ def compare_chunk(
                 {k: v[mask] for k, v in rows.items()},
                 counted[mask],
                 int(ignored[mask].sum()),
-                int(np.count_nonzero(bad[mask] & ~ignored[mask])),
+                int(np.count_nonzero(dropped[mask])),
             )
     state.logit_bytes += xa[0].nbytes + xb[0].nbytes
     return rows

@@ -222,6 +222,7 @@ def test_nan_policies(tmp_path, rng):
     assert d["kl"]["mean"] == pytest.approx(e["kl"][keep].mean(), rel=1e-5)
     d = engine.compare(a, b, nan_policy="propagate").to_dict()
     assert d["kl"]["mean"] is None
+    assert d["nan_rows"] == 0 and d["counted"] == 50  # kept, as eval (nan_rows: dropped rows)
 
 
 def test_bfloat16_against_float32(tmp_path, rng):
