@@ -89,9 +89,6 @@ class LlamaKldReader:
             ]
         )
 
-    def group_rows(self, i: int) -> int:
-        return self.chunk_rows
-
     def _map(self):
         return np.memmap(self.path, mode="r", dtype=np.uint8)
 
@@ -116,13 +113,10 @@ class LlamaKldReader:
             logp += params[:, 1:2]  # float32, as llama.cpp dequantises
             values = pa.array(logp.reshape(-1))
             cols["logits"] = pa.FixedSizeListArray.from_arrays(values, self.n_vocab)
-        index = (
-            np.arange(first, first + count, dtype=np.int64)[:, None] * self.n_ctx
-            + (self.n_ctx // 2 + np.arange(R, dtype=np.int64))[None, :]
-        )
-        index = index.reshape(-1)
-        if "target" in columns:
-            cols["target"] = pa.array(self.tokens(raw)[index + 1].astype(np.int64))
+        if "target" in columns:  # row j of chunk i predicts token i·n_ctx + n_ctx/2 + j + 1
+            chunks = np.arange(first, first + count, dtype=np.int64)[:, None] * self.n_ctx
+            index = (chunks + (self.n_ctx // 2 + 1 + np.arange(R, dtype=np.int64))).reshape(-1)
+            cols["target"] = pa.array(self.tokens(raw)[index].astype(np.int64))
         if "chunk" in columns:
             cols["chunk"] = pa.array(np.repeat(np.arange(first, first + count, dtype=np.int32), R))
         if "position" in columns:

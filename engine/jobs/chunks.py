@@ -60,7 +60,7 @@ def _row_weights(targets: api.Targets, spec: JobSpec, classes: int) -> np.ndarra
     return np.where(targets.counted, w[np.maximum(targets.y, 0)], 0.0)
 
 
-def _group_masks(group: pa.Array | None):
+def group_masks(group: pa.Array | None):
     """(key, row mask) per distinct value of the group column in this chunk."""
     if group is None:
         return []
@@ -85,7 +85,7 @@ def eval_chunk(chunk: Chunk, spec: JobSpec, classes: int, state: MetricState, ke
     soft = targets.t is not None
     z = spec.opts.z_loss
     state.total.add(stats, counted, weights, z, soft, nan_rows=int(bad.sum()))
-    for key, mask in _group_masks(chunk.group):
+    for key, mask in group_masks(chunk.group):
         sub = {k: v[mask] for k, v in stats.items()}
         state.group(key).add(sub, counted[mask], weights[mask], z, soft, int(bad[mask].sum()))
     state.logit_bytes += chunk.logits.nbytes

@@ -9,6 +9,7 @@ import os
 import re
 
 from engine.errors import XentInputError
+from engine.threads import cpu_count, set_threads
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -114,3 +115,22 @@ def host_threads(client) -> dict:
         host = get_address_host(addr)
         out[host] = out.get(host, 0) + int(info.get("nthreads", 1))
     return out
+
+
+def set_task_threads(threads: int | None, host_threads: dict) -> None:
+    """Numba threads for a Dask task: as asked, else this host's cores over the Dask worker
+    threads running there (``host_threads``: host -> threads, from `host_threads`), so N
+    workers x T threads do not oversubscribe the cores."""
+    n = threads
+    if n is None:
+        busy = 1
+        try:
+            from distributed import get_worker
+            from distributed.comm import get_address_host
+
+            worker = get_worker()
+            busy = host_threads.get(get_address_host(worker.address)) or worker.state.nthreads
+        except (ImportError, ValueError):
+            pass
+        n = cpu_count() // max(1, busy)
+    set_threads(max(1, int(n)), clamp=True)

@@ -22,6 +22,7 @@ from engine.errors import XentInputError, XentUsageError
 from engine.io import Chunk, Source, open_sink, open_source
 from engine.io.pairs import paired_chunks
 from engine.io.records import DEFAULT_CHUNK_BYTES
+from engine.jobs.chunks import group_masks
 from engine.jobs.finish import Report
 from engine.jobs.spec import NAN_POLICIES, keep_tuple
 from engine.progress import make_progress
@@ -248,7 +249,6 @@ def compare_chunk(
     dropped = bad & ~ignored if skip else np.zeros_like(bad)
     nan_count = int(np.count_nonzero(dropped))
     rows = dict(values)
-    rows["kl"] = np.maximum(rows["kl"], 0.0)  # (each term is >= 0; rounding cannot go below)
     if y is not None:
         rows["target"] = y
         rows["nll_base"] = -values["logp_base"]
@@ -257,7 +257,7 @@ def compare_chunk(
             rows["delta_p"] = np.exp(values["logp_candidate"]) - np.exp(values["logp_base"])
     state.total.add(rows, counted, int(ignored.sum()), nan_count)
     if a.group is not None:
-        for key, mask in _group_masks(a.group):
+        for key, mask in group_masks(a.group):
             state.group(key).add(
                 {k: v[mask] for k, v in rows.items()},
                 counted[mask],
@@ -266,17 +266,6 @@ def compare_chunk(
             )
     state.logit_bytes += xa[0].nbytes + xb[0].nbytes
     return rows
-
-
-def _group_masks(group):
-    if isinstance(group, pa.ChunkedArray):
-        group = group.combine_chunks()
-    encoded = group.dictionary_encode()
-    idx = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    out = [(str(k), idx == i) for i, k in enumerate(encoded.dictionary.to_pylist())]
-    if (idx < 0).any():
-        out.append(("null", idx < 0))
-    return out
 
 
 OUTPUT_SCHEMA = [

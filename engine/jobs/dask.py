@@ -44,7 +44,13 @@ from engine.jobs.chunks import (
     probability_warning,
     write_gradients,
 )
-from engine.jobs.cluster import connect, env_number, host_threads, parse_address
+from engine.jobs.cluster import (
+    connect,
+    env_number,
+    host_threads,
+    parse_address,
+    set_task_threads,
+)
 from engine.jobs.finish import (
     Report,
     gradients_report,
@@ -56,7 +62,6 @@ from engine.jobs.spec import JobSpec, for_source, open_job_source
 from engine.metrics import MetricState
 from engine.progress import make_progress
 from engine.schema import empty_row_stats
-from engine.threads import cpu_count, set_threads
 
 #: Extra attempts of a task that raised (a worker that dies is handled by the scheduler,
 #: which reschedules its tasks on the others).
@@ -184,21 +189,7 @@ def _empty_keep(job: _Job) -> pa.Table | None:
 
 
 def _set_task_threads(job: _Job) -> None:
-    """Numba threads for this task: as asked, else this host's cores over the Dask worker
-    threads running there (so N workers x T threads do not oversubscribe the cores)."""
-    n = job.threads
-    if n is None:
-        busy = 1
-        try:
-            from distributed import get_worker
-            from distributed.comm import get_address_host
-
-            worker = get_worker()
-            busy = job.host_threads.get(get_address_host(worker.address)) or worker.state.nthreads
-        except (ImportError, ValueError):
-            pass
-        n = cpu_count() // max(1, busy)
-    set_threads(max(1, int(n)), clamp=True)
+    set_task_threads(job.threads, job.host_threads)
 
 
 # --------------------------------------------------------------------------------------

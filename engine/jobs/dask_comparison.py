@@ -14,17 +14,16 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from engine.compare_metrics import CompareState
 from engine.errors import XentInputError, XentUsageError
 from engine.io import Fragment, open_fragment
 from engine.io.pairs import pair_streams, rows_between
-from engine.jobs.cluster import connect, env_number
+from engine.jobs.cluster import connect, env_number, host_threads, set_task_threads
 from engine.jobs.comparison import CompareSpec, Sides, compare_chunk, open_sides
 from engine.jobs.finish import Report
 from engine.progress import make_progress
-from engine.threads import cpu_count, set_threads
 
 RETRIES = 2
 #: Rows per task when not given: about this many bytes of both sides' logits.
@@ -45,12 +44,13 @@ class _Task:
     base: Fragment
     candidates: tuple[Fragment, ...]
     threads: int | None
+    host_threads: dict = field(default_factory=dict)  # host -> Dask worker threads there
 
 
 def _run_task(task: _Task):
     """(CompareState, rows, bytes) of one row range, or an input error as a value."""
     try:
-        set_threads(task.threads or cpu_count(), clamp=True)
+        set_task_threads(task.threads, task.host_threads)
         from engine.kernels import cpu as kernels
 
         spec = task.spec
@@ -143,6 +143,9 @@ def compare(base, candidate, spec: CompareSpec, *, logits, candidate_logits, tar
     start = time.perf_counter()
     results: dict[int, CompareState] = {}
     with connect(address) as client:
+        plan = {} if threads is not None else host_threads(client)
+        for t in tasks:
+            t.host_threads = plan
         token = secrets.token_hex(4)
         futures = {
             client.submit(
