@@ -1,6 +1,6 @@
 """xent: streaming fused cross-entropy (loss, gradient, metrics) over logit datasets."""
 
-from engine.api import RowStats, cross_entropy, cross_entropy_grad, row_stats
+from engine.api import RowStats, cross_entropy, cross_entropy_grad, row_stats, topk_logprobs
 from engine.options import LossOptions
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_grad",
     "row_stats",
+    "topk_logprobs",
 ]
 
 # evaluate / score / gradients / compare (the dataset jobs, engine.jobs) are imported on first use,

@@ -297,3 +297,29 @@ def row_stats(logits, target, *, device: str = "cpu", **options) -> RowStats:
     opts, _, _, problem = _setup(logits, target, options)
     res = backend(device).stats(problem)
     return RowStats(**res)
+
+
+def topk_logprobs(logits, k: int, *, device: str = "cpu", **options):
+    """Each row's k most probable classes: (indices, logprobs, lse).
+
+    ``indices`` (int32, rows x k) descend by probability, the smaller index first on ties
+    (so indices[:, 0] is the argmax); ``logprobs`` (float32, rows x k) are normalised over
+    all C classes; ``lse`` is each row's log-sum-exp (compute dtype). One read of each row
+    yields both. Options: input_kind, softcap, logits_dtype (the loss options that change
+    what the log-probs are); for log-prob and probability inputs the values are the
+    log-probs (log(max(p, tiny)) for probabilities) and lse is that of those values.
+    """
+    opts = make_options(**options)
+    x = np.asarray(logits)
+    if x.ndim != 2:
+        raise XentUsageError(f"logits must be 2-D (rows x classes), got {x.ndim}-D")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise XentTypeError(f"k must be an integer, got {type(k).__name__}")
+    k = int(k)
+    if not 1 <= k <= x.shape[1]:
+        raise XentUsageError(
+            f"k must be between 1 and the number of classes ({x.shape[1]}), got {k}"
+        )
+    none = Targets(np.zeros(0, np.int64), None, np.zeros(0, bool), 0.0, 0)
+    problem = make_problem(x, none, opts)
+    return backend(device).topk(problem, k)

@@ -42,9 +42,10 @@ from engine.kernels.cpu.divergence import (
     compare_kernel,
 )
 from engine.kernels.cpu.parallel import forward_grad_kernel, forward_kernel, stats_kernel
+from engine.kernels.cpu.topk import topk_kernel
 from engine.options import KIND_LOGITS
 
-__all__ = ["compare", "forward", "forward_grad", "stats"]
+__all__ = ["compare", "forward", "forward_grad", "stats", "topk"]
 
 # -- host side: Problem -> kernel arguments -------------------------------------------------
 
@@ -187,3 +188,21 @@ def compare(a: np.ndarray, kind_a: str, b: np.ndarray, kind_b: str, y, temperatu
         "candidate_argmax": idx[I_CANDIDATE_ARGMAX],
         "candidate_rank": idx[I_CANDIDATE_RANK],
     }
+
+
+# -- a row's top k classes and its lse (engine/kernels/cpu/topk.py) ------------------------
+
+
+def topk(p: Problem, k: int):
+    """(indices int32 rows x k, log-probs float32 rows x k, lse of the compute dtype) of
+    the rows of ``p`` (its logits, softcap and input kind; targets are not read).
+    Indices descend by probability, the smaller index first on ties; 1 <= k <= C."""
+    n = p.rows
+    idx = np.empty((n, k), np.int32)
+    logp = np.empty((n, k), np.float32)
+    lse = np.empty(n, p.compute)
+    if n:
+        x = _kernel_view(p.x, p.storage)
+        like = np.empty(0, p.compute)
+        topk_kernel(x, k, float(p.cap), int(p.kind), like, numba.get_num_threads(), idx, logp, lse)
+    return idx, logp, lse
