@@ -189,7 +189,7 @@ def inspect_source(sources, logits, target, logits_dtype, ignore_index, sample_r
     info = source.describe()
     warnings: list[str] = []
     sample: dict = {"rows": 0}
-    row_bytes = max(1, (source.num_classes or 1) * source.logits_dtype_numpy.itemsize)
+    row_bytes = source.row_bytes
     want = max(1, min(sample_rows, SAMPLE_BYTES // row_bytes))
     chunks = source.iter_chunks(chunk_rows=want, readahead=0)
     try:

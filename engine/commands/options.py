@@ -140,6 +140,36 @@ source_options = option_group(
         show_default=True,
         help="Target column: integer classes, or a list of probabilities.",
     ),
+    click.option(
+        "--topk-indices",
+        default=None,
+        metavar="COL",
+        help="Sparse top-k rows: the list column of class indices [topk_indices].",
+    ),
+    click.option(
+        "--topk-values",
+        default=None,
+        metavar="COL",
+        help="Sparse top-k rows: the list column of values [topk_logprobs].",
+    ),
+    click.option(
+        "--classes",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Sparse top-k rows: the number of classes C (else field metadata xent.classes).",
+    ),
+    click.option(
+        "--topk-kind",
+        type=click.Choice(["logprobs", "logits"]),
+        default=None,
+        help="Sparse top-k values: log-probs over all C classes [logprobs], or raw logits.",
+    ),
+    click.option(
+        "--lse",
+        default=None,
+        metavar="COL",
+        help="Sparse top-k logits: the column of each row's lse over all C classes.",
+    ),
 )
 
 loss_options = option_group(
@@ -250,6 +280,9 @@ LOSS_KEYS = (
 )
 
 
+SPARSE_KEYS = ("topk_indices", "topk_values", "classes", "topk_kind", "lse")
+
+
 def check_device(device: str) -> None:
     """``--device cuda`` without a GPU is the user's error, said before any work."""
     if device != "cuda":
@@ -291,6 +324,10 @@ def engine_kwargs(kw: dict) -> tuple[dict, dict]:
         "threads": kw.pop("threads"),
         "dask": kw.pop("dask"),
     }
+    for key in SPARSE_KEYS:  # sparse top-k rows: only what was given
+        if kw.get(key) is not None:
+            run[key] = kw[key]
+        kw.pop(key, None)
     set_threads(run["threads"])
     check_device(run["device"])
     check_dask(run["dask"])

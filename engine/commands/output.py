@@ -137,13 +137,19 @@ METRIC_ROWS = (
     ("ignored", "ignored", ","),
     ("nan_rows", "nan rows", ","),
     ("classes", "classes", ","),
+    ("topk", "stored top-k", ","),
+    ("target_stored", "target stored", ","),
+    ("target_outside_topk", "target not stored", ","),
     ("loss", "loss", ".6f"),
     ("nll", "nll (nats)", ".6f"),
+    ("nll_lower_bound", "nll lower bound", ".6f"),
     ("perplexity", "perplexity", ".4f"),
     ("bits_per_token", "bits/token", ".6f"),
     ("accuracy", "accuracy", ".4f"),
     ("top_k_accuracy", "top-k", ".4f"),
     ("entropy", "entropy", ".6f"),
+    ("entropy_lower_bound", "entropy lower bound", ".6f"),
+    ("tail_mass", "mean tail mass", ".6f"),
     ("ece", "ece (15 bins)", ".4f"),
     ("kl", "kl(target‖pred)", ".6f"),
     ("z_loss", "z-loss term", ".6f"),
@@ -164,6 +170,8 @@ def metric_lines(d: dict, reduction: str = "mean") -> list[tuple[str, str]]:
             continue
         if key == "loss" and reduction == "sum":
             label = "loss (sum)"
+        if key in ("nll", "loss") and "target_stored" in d:
+            label += ", stored targets"
         out.append((label, num(value, spec)))
     return out
 

@@ -13,7 +13,7 @@ from engine.io.records import NULL_TARGET
 # --------------------------------------------------------------------------------------
 
 
-def _first_null(arr: pa.Array) -> int:
+def first_null(arr: pa.Array) -> int:
     return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
 
 
@@ -34,7 +34,7 @@ def list_matrix(
         arr = arr.storage
     n = len(arr)
     if arr.null_count:
-        raise XentInputError(f"null {column} row", file=path, row=file_row + _first_null(arr))
+        raise XentInputError(f"null {column} row", file=path, row=file_row + first_null(arr))
     if pa.types.is_fixed_size_list(arr.type):
         size = arr.type.list_size
         if classes is not None and size != classes:
@@ -54,7 +54,7 @@ def list_matrix(
             )
         values = arr.values.slice(int(offsets[0]) if n else 0, n * size)
     if values.null_count:
-        i = _first_null(values) // max(size, 1)
+        i = first_null(values) // max(size, 1)
         raise XentInputError(f"null value in {column}", file=path, row=file_row + i)
     return values.to_numpy(zero_copy_only=True).reshape(n, size)
 
@@ -65,7 +65,7 @@ def wide_matrix(columns: list[pa.Array], names, np_dtype, path, file_row) -> np.
     for j, (col, name) in enumerate(zip(columns, names, strict=True)):
         if col.null_count:
             raise XentInputError(
-                f"null logit in column '{name}'", file=path, row=file_row + _first_null(col)
+                f"null logit in column '{name}'", file=path, row=file_row + first_null(col)
             )
         out[:, j] = col.to_numpy(zero_copy_only=False).view(np_dtype)
     return out

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import dtypes
-from engine.errors import XentInputError
+from engine.errors import XentInputError, XentUsageError
 from engine.io.paths import is_glob
 from engine.io.records import FileInfo
 
@@ -173,6 +173,114 @@ def detect_target_layout(
     )
 
 
+# -- sparse top-k rows (SPEC §8) ----------------------------------------------------------
+
+CLASSES_METADATA_KEY = b"xent.classes"
+TOPK_KINDS = ("logprobs", "logits")
+DEFAULT_TOPK_INDICES = "topk_indices"
+DEFAULT_TOPK_VALUES = "topk_logprobs"
+
+
+@dataclass(frozen=True)
+class SparseRequest:
+    """What the user said about sparse rows (--topk-indices/--topk-values/--classes/
+    --topk-kind/--lse); a source without a logits column but with the two default columns
+    is read as sparse with these defaults."""
+
+    indices: str = DEFAULT_TOPK_INDICES
+    values: str = DEFAULT_TOPK_VALUES
+    classes: int | None = None
+    kind: str = "logprobs"  # values are log-probs over all C classes, or raw logits
+    lse: str | None = None  # logits: the column of each row's lse over all C classes
+
+    def __post_init__(self):
+        if self.kind not in TOPK_KINDS:
+            raise XentUsageError(f"topk kind must be one of {', '.join(TOPK_KINDS)}")
+        if self.classes is not None and int(self.classes) < 1:
+            raise XentUsageError(f"classes must be >= 1, got {self.classes}")
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Sparse rows: ``values`` is read as the logits matrix (rows x k), ``indices`` names
+    the class of each value; ``classes`` is C, the full number of classes."""
+
+    indices: str
+    values: str
+    lse: str | None
+    kind: str
+    classes: int
+
+    @property
+    def normalised_over(self) -> str:
+        """'all': log-probs over all C classes are known; 'topk': over the k alone."""
+        return "topk" if self.kind == "logits" and self.lse is None else "all"
+
+
+def _classes_from_metadata(*metadatas) -> int | None:
+    for md in metadatas:
+        if md is not None and CLASSES_METADATA_KEY in md:
+            try:
+                return int(md[CLASSES_METADATA_KEY])
+            except ValueError:
+                return None
+    return None
+
+
+def wants_sparse(schema: pa.Schema, logits: str, request: SparseRequest | None) -> bool:
+    """Sparse when asked, or when the logits column is absent and the default top-k
+    columns are there (a file written by ``xent score --emit-topk``)."""
+    if request is not None:
+        return True
+    names = set(schema.names)
+    return logits not in names and {DEFAULT_TOPK_INDICES, DEFAULT_TOPK_VALUES} <= names
+
+
+def detect_sparse_layout(
+    schema: pa.Schema, request: SparseRequest, *, logits_dtype=None, path: str = ""
+) -> tuple[LogitsLayout, SparseLayout]:
+    """(the values column as a list layout of k per row, the sparse facts)."""
+    for name, role in ((request.indices, "top-k indices"), (request.values, "top-k values")):
+        if name not in schema.names:
+            raise missing_column(schema, name, path, role)
+    ifield = schema.field(request.indices)
+    if not (_is_list_like(ifield.type) and pa.types.is_integer(_list_kind(ifield.type)[1].type)):
+        raise XentInputError(
+            f"top-k indices column '{request.indices}' has type {ifield.type}; "
+            "expected a list of integers",
+            file=path,
+        )
+    values = detect_logits_layout(schema, request.values, logits_dtype=logits_dtype, path=path)
+    vfield = schema.field(request.values)
+    classes = request.classes
+    if classes is None:
+        classes = _classes_from_metadata(
+            ifield.metadata,
+            vfield.metadata,
+            _list_kind(ifield.type)[1].metadata,
+            _list_kind(vfield.type)[1].metadata,
+            schema.metadata,
+        )
+    if classes is None:
+        raise XentInputError(
+            f"sparse top-k rows ('{request.indices}', '{request.values}') need the number "
+            "of classes: pass --classes C (classes=C), or store it as field metadata "
+            "xent.classes",
+            file=path,
+        )
+    lse = request.lse
+    if lse is not None:
+        if lse not in schema.names:
+            raise missing_column(schema, lse, path, "lse")
+        if not pa.types.is_floating(schema.field(lse).type):
+            raise XentInputError(
+                f"lse column '{lse}' has type {schema.field(lse).type}; expected floats",
+                file=path,
+            )
+    sparse = SparseLayout(request.indices, request.values, lse, request.kind, int(classes))
+    return values, sparse
+
+
 @dataclass
 class Entry:
     """A file of the source with what we learned about it at open time."""
@@ -183,3 +291,4 @@ class Entry:
     target: TargetLayout | None
     selection: tuple[int, ...] | None = None  # Parquet row groups, None for all
     first_file_row: int = 0  # file row of the selection's first row
+    sparse: SparseLayout | None = None  # top-k rows: layout then describes the values

@@ -98,7 +98,7 @@ class ParquetChunks:
         self.targets_only = targets_only
         self.files: list[_PlanFile] = []
         self.units: list[_Unit] = []
-        row_bytes = (source.num_classes or 1) * source.logits_dtype_numpy.itemsize
+        row_bytes = source.row_bytes
         unit_bytes = max(chunk_rows * row_bytes, _MIN_UNIT_BYTES)
         self._count = 0  # chunks in all
         total_bytes = total_rows = 0
@@ -206,7 +206,7 @@ class ParquetChunks:
         src = self.src
         logits = soft = None
         if not self.targets_only:
-            logits = src.decode_logits(entry, piece, file_row, src.num_classes)
+            logits = src.decode_logits(entry, piece, file_row, src.row_width)
         if entry.target is not None and entry.target.soft:
             soft = src.decode_target(entry, piece, file_row, src.num_classes)[0]
         other = piece.select(f.other) if f.other else None

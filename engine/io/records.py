@@ -37,7 +37,8 @@ class FileInfo:
 class Chunk:
     """Consecutive rows of one file.
 
-    logits: rows x C NumPy array (a read-only view of the Arrow buffer when the layout
+    logits: rows x C NumPy array (sparse top-k rows: rows x k values; ``indices`` holds
+        their classes) (a read-only view of the Arrow buffer when the layout
         allows; float16 as np.float16, bfloat16 as np.uint16 bit patterns).
     target: int64 class indices (nulls replaced by NULL_TARGET), or rows x C
         probabilities for soft targets, or None without a target column.
@@ -55,6 +56,8 @@ class Chunk:
     file: str
     file_row: int
     row: int
+    indices: np.ndarray | None = None  # sparse top-k rows: the class of each logits value
+    lse: np.ndarray | None = None  # sparse rows with an --lse column: float64 per row
 
     @property
     def num_rows(self) -> int:

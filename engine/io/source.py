@@ -12,9 +12,17 @@ import pyarrow.ipc
 
 from engine import interrupt
 from engine.errors import XentInputError
-from engine.io.decode import index_targets, list_matrix, wide_matrix
+from engine.io.decode import first_null, index_targets, list_matrix, wide_matrix
 from engine.io.formats import end_of_file, open_reader, open_stream, ordered
-from engine.io.layouts import Entry, detect_logits_layout, detect_target_layout, missing_column
+from engine.io.layouts import (
+    Entry,
+    SparseRequest,
+    detect_logits_layout,
+    detect_sparse_layout,
+    detect_target_layout,
+    missing_column,
+    wants_sparse,
+)
 from engine.io.parquet import ParquetChunks
 from engine.io.paths import (
     ARROW_ERRORS,
@@ -53,8 +61,13 @@ class Source:
         self.schema: pa.Schema = first.reader.schema
         self.layout: str = first.layout.kind
         self.storage: str = first.layout.storage
-        self.num_classes: int | None = next(
+        # values per row of the logits matrix: C, or k for sparse top-k rows
+        self.row_width: int | None = next(
             (e.layout.classes for e in entries if e.layout.classes is not None), None
+        )
+        self.sparse = first.sparse  # SparseLayout of top-k rows, or None
+        self.num_classes: int | None = (
+            self.sparse.classes if self.sparse is not None else self.row_width
         )
         self.soft_targets: bool = bool(first.target and first.target.soft)
 
@@ -108,9 +121,14 @@ class Source:
             },
         }
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of the logits matrix (and of its indices, for sparse rows)."""
+        per_value = self.logits_dtype_numpy.itemsize + (4 if self.sparse is not None else 0)
+        return max(1, (self.row_width or 1) * per_value)
+
     def default_chunk_rows(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-        row_bytes = (self.num_classes or 1) * self.logits_dtype_numpy.itemsize
-        return max(1, int(chunk_bytes) // row_bytes)
+        return max(1, int(chunk_bytes) // self.row_bytes)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -118,6 +136,8 @@ class Source:
         wanted: list[str] = []
         if not targets_only:
             wanted += list(entry.layout.columns)
+            if entry.sparse is not None:
+                wanted += [c for c in (entry.sparse.indices, entry.sparse.lse) if c]
         if entry.target is not None:
             wanted.append(entry.target.column)
         if not targets_only:
@@ -237,7 +257,10 @@ class Source:
         given, are the matrices already assembled (the pieces then lack those columns)."""
         path = entry.info.path
         target = valid = keep = group = None
-        classes = self.num_classes
+        classes = self.row_width
+        indices = lse = None
+        if not targets_only and entry.sparse is not None:
+            indices, lse = self._decode_sparse(entry, pieces)
         if not targets_only and logits is None:
             parts = [self.decode_logits(entry, b, r, classes) for b, r in pieces]
             logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -260,7 +283,31 @@ class Source:
             group = cols[0] if len(cols) == 1 else pa.concat_arrays(cols)
         if file_row is None:
             file_row = pieces[0][1]
-        return Chunk(logits, target, valid, keep, group, path, file_row, row)
+        return Chunk(logits, target, valid, keep, group, path, file_row, row, indices, lse)
+
+    def _decode_sparse(self, entry: Entry, pieces):
+        """(rows x k class indices, float64 lse per row or None) of sparse pieces."""
+        sp = entry.sparse
+        parts = [
+            list_matrix(
+                b.column(sp.indices), self.row_width, column=sp.indices,
+                path=entry.info.path, file_row=r,
+            )
+            for b, r in pieces
+        ]  # fmt: skip
+        indices = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        lse = None
+        if sp.lse is not None:
+            cols = []
+            for b, r in pieces:
+                col = b.column(sp.lse)
+                if col.null_count:
+                    raise XentInputError(
+                        f"null {sp.lse}", file=entry.info.path, row=r + first_null(col)
+                    )
+                cols.append(col.to_numpy(zero_copy_only=False).astype(np.float64))
+            lse = cols[0] if len(cols) == 1 else np.concatenate(cols)
+        return indices, lse
 
     def decode_logits(self, entry: Entry, batch: pa.RecordBatch, file_row: int, classes):
         lay = entry.layout
@@ -335,18 +382,25 @@ class Source:
 # --------------------------------------------------------------------------------------
 
 
-def open_entry(path, logits, target, keep, group_by, logits_dtype) -> Entry:
+def open_entry(path, logits, target, keep, group_by, logits_dtype, sparse=None) -> Entry:
     reader = open_reader(path)
     schema = reader.schema
+    sparse_layout = None
+    if wants_sparse(schema, logits, sparse):
+        layout, sparse_layout = detect_sparse_layout(
+            schema, sparse or SparseRequest(), logits_dtype=logits_dtype, path=path
+        )
+        logits = sparse_layout.values
     for name, role in [(k, "keep") for k in keep] + [(group_by, "group-by")]:
         if name is not None and name not in schema.names:
             raise missing_column(schema, name, path, role)
     # A glob such as '*' must not swallow the target or group column (keep columns may
     # legitimately be logit columns too, so they stay eligible).
     exclude = [n for n in (target, group_by) if n is not None]
-    layout = detect_logits_layout(
-        schema, logits, logits_dtype=logits_dtype, exclude=exclude, path=path
-    )
+    if sparse_layout is None:
+        layout = detect_logits_layout(
+            schema, logits, logits_dtype=logits_dtype, exclude=exclude, path=path
+        )
     tlayout = detect_target_layout(schema, target, path=path)
     if layout.classes is None:
         # List layouts carry C in the data only: read the first row to learn it.
@@ -367,7 +421,12 @@ def open_entry(path, logits, target, keep, group_by, logits_dtype) -> Entry:
         row_groups=reader.row_groups,
         bytes=file_size(path),
     )
-    return Entry(info, reader, layout, tlayout)
+    if sparse_layout is not None and tlayout is not None and tlayout.soft:
+        raise XentInputError(
+            f"sparse top-k rows take class-index targets; '{target}' holds probabilities",
+            file=path,
+        )
+    return Entry(info, reader, layout, tlayout, sparse=sparse_layout)
 
 
 def _probe_ipc(path: str) -> pa.RecordBatch | None:
@@ -391,6 +450,14 @@ def _check_consistent(entries: list[Entry]) -> None:
     ref = next((e for e in entries if e.layout.classes is not None), first)
     for e in entries[1:]:
         path = e.info.path
+        if (e.sparse is None) != (first.sparse is None) or (
+            e.sparse is not None and e.sparse.classes != first.sparse.classes
+        ):
+            raise XentInputError(
+                "sparse top-k layout or class count differs from "
+                f"{first.info.path}; all files must share one layout",
+                file=path,
+            )
         if e.layout.storage != first.layout.storage:
             raise XentInputError(
                 f"logits are {e.layout.storage}, but {first.info.path} has "
@@ -436,6 +503,7 @@ def open_source(
     keep: Sequence[str] | str = (),
     group_by: str | None = None,
     logits_dtype: str | None = None,
+    sparse: SparseRequest | None = None,
 ) -> Source:
     """Open files / directories / globs as one Source (reads footers and schemas only).
 
@@ -443,10 +511,14 @@ def open_source(
     target: the target column, or None for a source without targets.
     keep: columns to carry into `Chunk.keep`; group_by: a column for `Chunk.group`.
     logits_dtype: "bfloat16" marks uint16/int16 logits as bfloat16 bit patterns.
+    sparse: read top-k rows (class-index and value list columns); also chosen when the
+    logits column is absent and the default top-k columns are present.
     """
     keep = normalise_keep(keep)
     files = expand_paths(paths)
-    entries = [open_entry(p, logits, target, keep, group_by, logits_dtype) for p in files]
+    entries = [
+        open_entry(p, logits, target, keep, group_by, logits_dtype, sparse) for p in files
+    ]
     _check_consistent(entries)
     return Source(
         entries,

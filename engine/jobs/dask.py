@@ -206,7 +206,7 @@ def fragment_rows(src: Source, total_threads: int, override=None) -> int:
         if int(override) < 1:
             raise XentUsageError("fragment_rows must be >= 1")
         return int(override)
-    row_bytes = max(1, (src.num_classes or 1) * src.logits_dtype_numpy.itemsize)
+    row_bytes = src.row_bytes
     rows = src.num_rows
     total = rows * row_bytes if rows is not None else src.bytes
     target = total / (TASKS_PER_THREAD * max(1, total_threads))

@@ -39,6 +39,10 @@ def _setup(source, spec: JobSpec, n_threads, logits, target, keep=(), group_by=N
 
 def evaluate(source, spec: JobSpec, *, logits, target, group_by, progress, threads) -> Report:
     spec, kernels, src, classes = _setup(source, spec, threads, logits, target, group_by=group_by)
+    if src.sparse is not None:
+        from engine.jobs import sparse_eval
+
+        return sparse_eval.evaluate(src, spec, progress)
     bar = make_progress(progress, src)
     state = MetricState(top_k=spec.top_k)
     warnings: list[str] = []

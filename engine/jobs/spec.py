@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from engine.errors import XentInputError, XentUsageError
 from engine.io import Source, open_source
+from engine.io.layouts import SparseRequest
 from engine.options import LossOptions, make_options
 
 NAN_POLICIES = ("error", "skip", "propagate")
@@ -25,6 +26,7 @@ class JobSpec:
     chunk_rows: int | None = None
     device: str = "auto"
     nan_policy: str = "error"
+    sparse: SparseRequest | None = None  # read top-k rows (SPEC §8), as the user described
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
@@ -43,10 +45,41 @@ class JobSpec:
 def make_spec(top_k, chunk_rows, device, nan_policy, loss_options: dict) -> JobSpec:
     """A spec from the public functions' keyword arguments (``options=`` or loose ones)."""
     loss_options = dict(loss_options)
+    sparse = sparse_request(loss_options)
     opts = make_options(loss_options.pop("options", None), **loss_options)
     return JobSpec(
-        opts=opts, top_k=tuple(top_k), chunk_rows=chunk_rows, device=device, nan_policy=nan_policy
+        opts=opts,
+        top_k=tuple(top_k),
+        chunk_rows=chunk_rows,
+        device=device,
+        nan_policy=nan_policy,
+        sparse=sparse,
     )
+
+
+SPARSE_ARGUMENTS = {  # keyword -> SparseRequest field
+    "topk_indices": "indices",
+    "topk_values": "values",
+    "classes": "classes",
+    "topk_kind": "kind",
+    "lse": "lse",
+}
+
+
+def sparse_request(kwargs: dict) -> SparseRequest | None:
+    """Pop the sparse-row keywords; a request when any was given (not None)."""
+    given = {
+        SPARSE_ARGUMENTS[k]: kwargs.pop(k)
+        for k in list(kwargs)
+        if k in SPARSE_ARGUMENTS and kwargs[k] is not None
+    }
+    for k in SPARSE_ARGUMENTS:
+        kwargs.pop(k, None)
+    if not given:
+        return None
+    if "classes" in given:
+        given["classes"] = int(given["classes"])
+    return SparseRequest(**given)
 
 
 def open_job_source(source, spec: JobSpec, logits, target, keep=(), group_by=None) -> Source:
@@ -57,6 +90,7 @@ def open_job_source(source, spec: JobSpec, logits, target, keep=(), group_by=Non
         keep=keep,
         group_by=group_by,
         logits_dtype=spec.opts.logits_dtype,
+        sparse=spec.sparse,
     )
 
 
