@@ -28,6 +28,11 @@ from engine.kernels.cpu.sparse import (
 )
 from engine.metrics import MetricState, MetricSums, standard_error
 
+_ORDER = (
+    "rows", "counted", "ignored", "nan_rows", "classes", "target_stored",
+    "target_outside_topk", "loss", "nll", "nll_lower_bound", "perplexity", "bits_per_token",
+    "accuracy", "top_k_accuracy", "entropy_lower_bound", "tail_mass", "ece",
+)  # fmt: skip
 _EXTRA = ("stored", "stored_nll_sum", "stored_nll_sq_sum", "tail_sum")
 
 
@@ -99,7 +104,8 @@ class SparseSums(MetricSums):
         out["target_stored"] = m
         out["target_outside_topk"] = n - m
         out["tail_mass"] = self.tail_sum / n if n else math.nan
-        return out
+        first = [k for k in _ORDER if k in out]
+        return {**{k: out[k] for k in first}, **{k: v for k, v in out.items() if k not in first}}
 
 
 @dataclass

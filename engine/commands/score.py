@@ -18,11 +18,18 @@ from engine.commands.rowfile import run_output_job
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
 @row_file_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted job's output.")
+@click.option(
+    "--emit-topk",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="Also write each row's top K classes and log-probs (a sparse top-k file).",
+)
 @source_options
 @loss_options
 @run_options
 @json_option
-def score_cmd(sources, output, keep, overwrite, resume, as_json, **kw):
+def score_cmd(sources, output, keep, overwrite, resume, emit_topk, as_json, **kw):
     """Per-row loss, log-prob, prediction, confidence and entropy, written to a file."""
     import engine
 
@@ -37,4 +44,5 @@ def score_cmd(sources, output, keep, overwrite, resume, as_json, **kw):
         keep=keep,
         overwrite=overwrite,
         resume=resume,
+        emit_topk=emit_topk,
     )

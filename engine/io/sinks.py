@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from engine import interrupt
 from engine.atomic import is_temp_name, temp_path, write_text
 from engine.errors import XentInputError, XentUsageError
+from engine.io.layouts import CLASSES_METADATA_KEY, DEFAULT_TOPK_INDICES, DEFAULT_TOPK_VALUES
 from engine.schema import row_stats_columns
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
@@ -150,8 +151,10 @@ def open_sink(path, *, overwrite: bool = False, schema: pa.Schema | None = None)
 # --------------------------------------------------------------------------------------
 
 
-def _with_keep(columns: list[tuple[str, pa.Array]], keep: pa.Table | None) -> pa.Table:
-    names = [n for n, _ in columns]
+def _with_keep(columns: list[tuple], keep: pa.Table | None) -> pa.Table:
+    """Output columns ((name or pa.Field, array) pairs) and then the keep columns."""
+    fields = [n if isinstance(n, pa.Field) else pa.field(n, a.type) for n, a in columns]
+    names = [f.name for f in fields]
     arrays = [a for _, a in columns]
     if keep is not None:
         rows = len(arrays[0]) if arrays else keep.num_rows
@@ -163,18 +166,38 @@ def _with_keep(columns: list[tuple[str, pa.Array]], keep: pa.Table | None) -> pa
                     f"--keep column '{name}' has the name of an output column; rename it"
                 )
             names.append(name)
+            fields.append(keep.schema.field(name))
             arrays.append(keep.column(name))
-    return pa.Table.from_arrays(arrays, names=names)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def score_table(stats: Mapping[str, np.ndarray], keep: pa.Table | None, soft: bool) -> pa.Table:
+def score_table(
+    stats: Mapping[str, np.ndarray], keep: pa.Table | None, soft: bool, topk=None
+) -> pa.Table:
     """The `score` output: the per-row columns of engine.schema (plus kl for soft targets),
-    then the keep columns."""
+    ``topk`` columns when given (``topk_columns``), then the keep columns."""
     columns = []
     for column in row_stats_columns(soft):
         values = np.asarray(stats[column.name], dtype=column.numpy)
         columns.append((column.name, pa.array(values, type=column.arrow)))
-    return _with_keep(columns, keep)
+    return _with_keep(columns + list(topk or ()), keep)
+
+
+def topk_columns(indices: np.ndarray, logprobs: np.ndarray, classes: int) -> list[tuple]:
+    """``--emit-topk``: (field, array) of topk_indices (int32) and topk_logprobs (float32),
+    K per row, each field marked with ``xent.classes`` so that the file reads back as
+    sparse top-k rows without --classes (SPEC §8)."""
+    k = indices.shape[1]
+    meta = {CLASSES_METADATA_KEY: str(int(classes)).encode()}
+    out = []
+    for name, values, arrow in (
+        (DEFAULT_TOPK_INDICES, indices, pa.int32()),
+        (DEFAULT_TOPK_VALUES, logprobs, pa.float32()),
+    ):
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow)
+        array = pa.FixedSizeListArray.from_arrays(flat, k)
+        out.append((pa.field(name, array.type, metadata=meta), array))
+    return out
 
 
 def grad_column(grad: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:

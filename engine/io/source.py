@@ -516,9 +516,7 @@ def open_source(
     """
     keep = normalise_keep(keep)
     files = expand_paths(paths)
-    entries = [
-        open_entry(p, logits, target, keep, group_by, logits_dtype, sparse) for p in files
-    ]
+    entries = [open_entry(p, logits, target, keep, group_by, logits_dtype, sparse) for p in files]
     _check_consistent(entries)
     return Source(
         entries,

@@ -9,6 +9,8 @@ same numbers wherever it runs.
 
 from __future__ import annotations
 
+import dataclasses
+
 from engine.errors import XentUsageError
 from engine.io.sinks import GRAD_DTYPES
 from engine.jobs import local
@@ -74,6 +76,7 @@ def score(
     nan_policy="error",
     threads=None,
     dask=None,
+    emit_topk=None,
     **loss_options,
 ) -> Report:
     """One output row per input row (the per-row stats plus keep columns); metrics as
@@ -82,8 +85,12 @@ def score(
     ``output`` ending in .parquet/.arrow is one file written under a temporary name and
     renamed when complete. A directory output (or ``resume=True``) is written as parts with
     a manifest, and a resumed job skips the parts already written.
+    ``emit_topk=K`` adds each row's top K classes and their log-probs (topk_indices,
+    topk_logprobs: a sparse top-k file that eval and compare read, SPEC §8).
     """
     spec = make_spec(top_k, chunk_rows, device, nan_policy, loss_options)
+    if emit_topk:
+        spec = dataclasses.replace(spec, emit_topk=int(emit_topk))
     keep = keep_tuple(keep)
     if dask:
         from engine.jobs import dask as runner

@@ -92,6 +92,24 @@ def eval_chunk(chunk: Chunk, spec: JobSpec, classes: int, state: MetricState, ke
     return stats
 
 
+def topk_of(chunk: Chunk, spec: JobSpec, classes: int, kernels):
+    """``--emit-topk``: the chunk's topk columns for sinks.score_table, or None."""
+    if not spec.emit_topk:
+        return None
+    x = chunk.logits
+    none = api.Targets(np.zeros(0, np.int64), None, np.zeros(0, bool), 0.0, 0)
+    indices, logprobs, _ = kernels.topk(api.make_problem(x, none, spec.opts), spec.emit_topk)
+    return sinks.topk_columns(indices, logprobs, classes)
+
+
+def empty_topk(spec: JobSpec, classes: int):
+    """The topk columns of no rows (an empty input still gets every output column)."""
+    if not spec.emit_topk:
+        return None
+    k = spec.emit_topk
+    return sinks.topk_columns(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), classes)
+
+
 def probability_warning(chunk: Chunk, spec: JobSpec) -> str | None:
     """Rows that look like softmax outputs while treated as logits (the seeds' mistake)."""
     if spec.opts.input_kind != "logits" or chunk.num_rows == 0:

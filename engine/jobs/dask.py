@@ -39,9 +39,11 @@ from engine.errors import XentInputError, XentUsageError
 from engine.io import Fragment, Source, open_fragment, sinks
 from engine.jobs.chunks import (
     GradSums,
+    empty_topk,
     eval_chunk,
     global_denominators,
     probability_warning,
+    topk_of,
     write_gradients,
 )
 from engine.jobs.cluster import (
@@ -152,11 +154,13 @@ def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragm
                 warning = probability_warning(chunk, spec)  # as the local runner
             stats = eval_chunk(chunk, spec, job.classes, state, kernels)
             if sink is not None:
-                sink.write(sinks.score_table(stats, chunk.keep, job.soft))
+                topk = topk_of(chunk, spec, job.classes, kernels)
+                sink.write(sinks.score_table(stats, chunk.keep, job.soft, topk))
         if sink is not None:
             if sink.rows == 0:
-                empty = sinks.score_table(empty_row_stats(job.soft), _empty_keep(job), job.soft)
-                sink.write(empty)
+                topk = empty_topk(spec, job.classes)
+                stats = empty_row_stats(job.soft)
+                sink.write(sinks.score_table(stats, _empty_keep(job), job.soft, topk))
             sink.commit()
     finally:
         if sink is not None:

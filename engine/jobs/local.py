@@ -9,9 +9,11 @@ import time
 from engine import api
 from engine.io import Source, sinks
 from engine.jobs.chunks import (
+    empty_topk,
     eval_chunk,
     global_denominators,
     probability_warning,
+    topk_of,
     write_gradients,
 )
 from engine.jobs.finish import (
@@ -89,10 +91,12 @@ def _score_file(src: Source, output, spec, classes, kernels, bar, overwrite) -> 
     with sinks.open_sink(output, overwrite=overwrite) as sink:
         for chunk in src.iter_chunks(chunk_rows=spec.chunk_rows):
             stats = eval_chunk(chunk, spec, classes, state, kernels)
-            sink.write(sinks.score_table(stats, chunk.keep, soft))
+            topk = topk_of(chunk, spec, classes, kernels)
+            sink.write(sinks.score_table(stats, chunk.keep, soft, topk))
             bar.update(chunk.num_rows, chunk.logits.nbytes)
         if state.total.rows == 0:
-            sink.write(sinks.score_table(empty_row_stats(soft), None, soft))
+            empty = empty_topk(spec, classes)
+            sink.write(sinks.score_table(empty_row_stats(soft), None, soft, empty))
     return state
 
 
@@ -111,7 +115,8 @@ def _score_parts(src: Source, output, spec, classes, kernels, bar, overwrite, re
         else:
             part = MetricState(top_k=spec.top_k)
             stats = eval_chunk(chunk, spec, classes, part, kernels)
-            table = sinks.score_table(stats, chunk.keep, soft)
+            topk = topk_of(chunk, spec, classes, kernels)
+            table = sinks.score_table(stats, chunk.keep, soft, topk)
             writer.write_part(index, table, first_row=chunk.row, metrics=part.to_dict())
             parts[index] = part
         bar.update(chunk.num_rows, chunk.logits.nbytes)

@@ -27,6 +27,7 @@ class JobSpec:
     device: str = "auto"
     nan_policy: str = "error"
     sparse: SparseRequest | None = None  # read top-k rows (SPEC §8), as the user described
+    emit_topk: int = 0  # score: also write each row's top K classes and log-probs
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
@@ -35,6 +36,8 @@ class JobSpec:
         if any(k < 1 for k in top_k):
             raise XentUsageError("top_k values must be >= 1")
         object.__setattr__(self, "top_k", top_k)  # normalised once, at construction
+        if isinstance(self.emit_topk, bool) or int(self.emit_topk) < 0:
+            raise XentUsageError(f"emit_topk must be an integer >= 1, got {self.emit_topk!r}")
 
     @property
     def metric_reduction(self) -> str:
@@ -100,6 +103,12 @@ def for_source(src: Source, spec: JobSpec) -> tuple[JobSpec, int]:
     if classes is None:
         raise XentInputError("cannot tell the number of classes (no rows?)", file=src.files[0].path)
     spec.opts.check_classes(classes)
+    if spec.emit_topk > classes:
+        raise XentUsageError(
+            f"--emit-topk {spec.emit_topk} is more than the {classes} classes of the logits"
+        )
+    if spec.emit_topk and src.sparse is not None:
+        raise XentUsageError("--emit-topk needs dense logits; these rows are already top-k")
     if src.storage == "bfloat16" and spec.opts.logits_dtype != "bfloat16":
         # marked in the file's metadata: the logits are bfloat16 bits whatever was asked
         spec = dataclasses.replace(spec, opts=spec.opts.with_(logits_dtype="bfloat16"))
