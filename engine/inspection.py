@@ -41,18 +41,54 @@ def looks_like_probabilities(x) -> bool:
 SAMPLE_BYTES = 64 * 2**20
 
 
-def open_for_inspect(sources, logits, target, logits_dtype):
+def open_for_inspect(sources, logits, target, logits_dtype, sparse=None):
     """open_source; without --target, a file lacking a 'target' column is fine."""
     from engine.io import open_source  # here: `explain` and eval's warning need no Arrow
 
-    try:
+    def open_with(target):
         return open_source(
-            list(sources), logits=logits, target=target or "target", logits_dtype=logits_dtype
+            list(sources), logits=logits, target=target, logits_dtype=logits_dtype, sparse=sparse
         )
+
+    try:
+        return open_with(target or "target")
     except XentInputError as e:
         if target is None and e.what.startswith("no target column 'target'"):
-            return open_source(list(sources), logits=logits, target=None, logits_dtype=logits_dtype)
+            return open_with(None)
         raise
+
+
+def scan_sparse(source, chunk) -> tuple[dict, list[str]]:
+    """Mean tail mass of a sample of sparse rows, and the first malformed row."""
+    from engine.jobs.sparse_eval import mode_of
+    from engine.kernels.cpu.sparse import (
+        BAD_INDEX,
+        DUPLICATE_INDEX,
+        F_TAIL,
+        I_BAD_COLUMN,
+        I_STATUS,
+        OK,
+        sparse_rows,
+    )
+
+    sp = source.sparse
+    y = np.full(chunk.num_rows, -1, np.int64)
+    f, ii = sparse_rows(
+        chunk.logits, source.storage, chunk.indices, y, chunk.lse, mode_of(sp), sp.classes
+    )
+    ok = ii[I_STATUS] == OK
+    facts = {"mean_tail_mass": float(np.mean(f[F_TAIL][ok])) if ok.any() else None}
+    warnings = []
+    broken = np.flatnonzero(np.isin(ii[I_STATUS], (BAD_INDEX, DUPLICATE_INDEX)))
+    if broken.size:
+        i = int(broken[0])
+        cls = int(chunk.indices[i, ii[I_BAD_COLUMN, i]])
+        what = "out of range" if ii[I_STATUS, i] == BAD_INDEX else "stored twice"
+        warnings.append(
+            f"{broken.size:,} of the first {chunk.num_rows:,} rows hold a class {what} "
+            f"(first: {chunk.file} row {chunk.file_row + i}, class {cls}): eval stops there"
+        )
+    return facts, warnings
 
 
 def scan_logits(x, file: str, file_row: int) -> tuple[dict, list[str]]:
@@ -184,8 +220,10 @@ def scan_targets(source, classes: int | None, ignore_index: int) -> tuple[dict, 
     return facts, warnings
 
 
-def inspect_source(sources, logits, target, logits_dtype, ignore_index, sample_rows) -> dict:
-    source = open_for_inspect(sources, logits, target, logits_dtype)
+def inspect_source(
+    sources, logits, target, logits_dtype, ignore_index, sample_rows, sparse=None
+) -> dict:
+    source = open_for_inspect(sources, logits, target, logits_dtype, sparse)
     info = source.describe()
     warnings: list[str] = []
     sample: dict = {"rows": 0}
@@ -201,6 +239,10 @@ def inspect_source(sources, logits, target, logits_dtype, ignore_index, sample_r
         x = dtypes.decode(chunk.logits, kind)
         sample, found = scan_logits(x, chunk.file, chunk.file_row)
         warnings += found
+        if source.sparse is not None:
+            facts, found = scan_sparse(source, chunk)
+            sample.update(facts)
+            warnings += found
         if source.soft_targets and chunk.target is not None:
             warnings += scan_soft_targets(chunk.target, chunk.file, chunk.file_row)
     info["sample"] = sample

@@ -7,7 +7,7 @@ import re
 import click
 
 from engine.commands.errors import debug_option
-from engine.commands.options import json_option, logits_dtype_option
+from engine.commands.options import json_option, logits_dtype_option, sparse_options
 from engine.commands.output import format_bytes, num, to_json
 
 
@@ -21,7 +21,14 @@ def format_inspect(info: dict) -> str:
     rows.append(("format", info["format"]))
     cols = info.get("logits") or []
     where = f"column '{cols[0]}'" if len(cols) == 1 else f"{len(cols)} columns {cols[0]}…"
-    rows.append(("layout", f"{info['layout']} ({where})"))
+    sp = info.get("sparse")
+    if sp:
+        over = "all classes" if sp["normalised_over"] == "all" else "the stored k only"
+        what = "log-probs" if sp["kind"] == "logprobs" else "logits"
+        where = f"columns '{sp['indices']}', '{sp['values']}'"
+        rows.append(("layout", f"sparse top-{sp['k']} {what}, normalised over {over} ({where})"))
+    else:
+        rows.append(("layout", f"{info['layout']} ({where})"))
     rows.append(("rows", num(info.get("rows"))))
     rows.append(("classes", num(info.get("classes"))))
     rows.append(("dtype", str(info.get("storage"))))
@@ -49,6 +56,8 @@ def format_inspect(info: dict) -> str:
         bits.append(f"{s.get('nan_values', 0):,} NaN, {s.get('posinf_values', 0):,} +inf")
         if s.get("neginf_values"):
             bits.append(f"{s['neginf_values']:,} -inf (masked classes: fine)")
+        if s.get("mean_tail_mass") is not None:
+            bits.append(f"mean tail mass {s['mean_tail_mass']:.4g} (probability not stored)")
         rows.append(("sample", ", ".join(bits)))
     lw = max(len(a) for a, _ in rows)
     lines = [f"{a:<{lw}}  {b}" for a, b in rows]
@@ -97,12 +106,15 @@ def format_inspect(info: dict) -> str:
     help="Rows scanned for suspicious values (the first ones).",
 )
 @json_option
+@sparse_options
 @debug_option
-def inspect_cmd(sources, logits, target, logits_dtype, ignore_index, sample_rows, as_json):
+def inspect_cmd(sources, logits, target, logits_dtype, ignore_index, sample_rows, as_json, **kw):
     """Format, layout, rows, classes, dtype and size; warns on suspicious data."""
     from engine.inspection import inspect_source
+    from engine.jobs.spec import sparse_request
 
-    info = inspect_source(sources, logits, target, logits_dtype, ignore_index, sample_rows)
+    sparse = sparse_request(dict(kw))
+    info = inspect_source(sources, logits, target, logits_dtype, ignore_index, sample_rows, sparse)
     if as_json:
         click.echo(to_json(info))
     else:

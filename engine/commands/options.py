@@ -127,19 +127,7 @@ threads_option = click.option(
 )
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 
-source_options = option_group(
-    click.option(
-        "--logits",
-        default="logits",
-        show_default=True,
-        help="Logits column, or a glob of one float column per class ('logit_*').",
-    ),
-    click.option(
-        "--target",
-        default="target",
-        show_default=True,
-        help="Target column: integer classes, or a list of probabilities.",
-    ),
+sparse_options = option_group(
     click.option(
         "--topk-indices",
         default=None,
@@ -170,6 +158,23 @@ source_options = option_group(
         metavar="COL",
         help="Sparse top-k logits: the column of each row's lse over all C classes.",
     ),
+)
+"""Sparse top-k rows (SPEC §8): which columns, how many classes, what the values are."""
+
+source_options = option_group(
+    click.option(
+        "--logits",
+        default="logits",
+        show_default=True,
+        help="Logits column, or a glob of one float column per class ('logit_*').",
+    ),
+    click.option(
+        "--target",
+        default="target",
+        show_default=True,
+        help="Target column: integer classes, or a list of probabilities.",
+    ),
+    sparse_options,
 )
 
 loss_options = option_group(

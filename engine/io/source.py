@@ -106,8 +106,18 @@ class Source:
             "rows": self.num_rows,
             "classes": self.num_classes,
             "storage": self.storage,
-            "layout": self.layout,
+            "layout": "sparse_topk" if self.sparse is not None else self.layout,
             "logits": list(first.layout.columns),
+            "sparse": None
+            if self.sparse is None
+            else {
+                "indices": self.sparse.indices,
+                "values": self.sparse.values,
+                "k": self.row_width,
+                "kind": self.sparse.kind,
+                "lse": self.sparse.lse,
+                "normalised_over": self.sparse.normalised_over,
+            },
             "target": self.target_column,
             "target_type": (
                 None if first.target is None else str(self.schema.field(first.target.column).type)

@@ -2,7 +2,8 @@
 
 Three layers (stumpy's habit): plain ``@cuda.jit`` kernels (:mod:`.device`, with the
 simulator's warp reductions in :mod:`.sim`), a host driver that moves data and launches
-(:mod:`.driver`), and this front door: :func:`forward`, :func:`forward_grad`, :func:`stats`.
+(:mod:`.driver`), and this front door: :func:`forward`, :func:`forward_grad`, :func:`stats`
+(and :func:`compare`, :func:`topk`).
 The public API elsewhere validates. Importing this package does not import numba.cuda;
 the first kernel call does.
 
@@ -36,6 +37,7 @@ __all__ = [
     "release_buffers",
     "simulated",
     "stats",
+    "topk",
 ]
 
 
@@ -67,3 +69,10 @@ def stats(p: Problem) -> dict:
 def compare(a, kind_a: str, b, kind_b: str, y, temperature: float) -> dict:
     """Per-row values of two models' logits (see engine.kernels.cpu.compare)."""
     return driver.run_compare(a, kind_a, b, kind_b, y, temperature)
+
+
+def topk(p: Problem, k: int):
+    """(indices int32 rows x k, log-probs float32 rows x k, lse of the compute dtype) of the
+    rows of ``p``, as engine.kernels.cpu.topk: indices by descending value, the smaller
+    index first on ties (NaN ranks last); 1 <= k <= C."""
+    return driver.run_topk(p, k)

@@ -44,6 +44,7 @@ __all__ = [
     "launch_shape",
     "release_buffers",
     "run",
+    "run_topk",
 ]
 
 
@@ -375,3 +376,44 @@ def run_compare(a, kind_a: str, b, kind_b: str, y, temperature: float) -> dict:
     for i, k in enumerate(("base_argmax", "candidate_argmax", "candidate_rank")):
         out[k] = idx[i]
     return out
+
+
+def run_topk(p: Problem, k: int):
+    """The top-K kernel over the rows of ``p``: (indices int32 rows x k, log-probs float32
+    rows x k, lse of the compute dtype), the contract of engine.kernels.cpu.topk. Rows go
+    in chunks of at most ``chunk_bytes`` of logits, one transfer each way per chunk."""
+    _require()
+    from numba import cuda
+
+    from engine.kernels.cuda.topk import index_digits, threads_per_row, topk_kernel
+
+    compute = np.dtype(p.compute)
+    xin = _device_logits(p)
+    n, C = xin.shape
+    idx = np.empty((n, k), np.int32)
+    logp = np.empty((n, k), np.float32)
+    lse = np.empty(n, compute)
+    if n == 0:
+        return idx, logp, lse
+    if not 1 <= k <= C:
+        raise ValueError(f"k must be between 1 and the number of classes ({C}), got {k}")
+    cfg = _launch_config()
+    kernel = topk_kernel(p.storage == STORAGE_BF16_BITS, compute)
+    T = threads_per_row(C, cfg.max_block_threads)
+    idig = index_digits(C)
+    cap = np.float64(p.cap)  # the transforms run in float64, as on the CPU
+    tiny = np.float64(np.finfo(compute).tiny)
+    R = int(max(1, min(n, cfg.chunk_bytes // (C * xin.itemsize))))
+    with _RUN_LOCK, warnings.catch_warnings():
+        _quiet_launch_warnings()
+        for r0 in range(0, n, R):
+            r1 = min(n, r0 + R)
+            dx = cuda.to_device(np.ascontiguousarray(xin[r0:r1]))
+            di = cuda.device_array((r1 - r0, k), np.int32)
+            dl = cuda.device_array((r1 - r0, k), np.float32)
+            ds = cuda.device_array(r1 - r0, compute)
+            kernel[r1 - r0, T](dx, k, cap, int(p.kind), tiny, di, dl, ds, C, T, idig)
+            di.copy_to_host(idx[r0:r1])
+            dl.copy_to_host(logp[r0:r1])
+            ds.copy_to_host(lse[r0:r1])
+    return idx, logp, lse
