@@ -115,6 +115,9 @@ def sparse_row(vals, idx, yi, C, mode, lse_i, unit, stamp, mark, f, ii, i):
     f[F_NLL_LB, i] = np.nan
     ii[I_RANK, i] = -1
     if yi < 0:
+        if status == BAD_VALUE:
+            f[F_ENTROPY_LB, i] = np.nan
+            f[F_TAIL, i] = np.nan
         return
     at = -1
     for j in range(idx.shape[0]):
@@ -135,6 +138,11 @@ def sparse_row(vals, idx, yi, C, mode, lse_i, unit, stamp, mark, f, ii, i):
         # the target's probability is at most the tail (widened by the values' rounding)
         bound = min(1.0, tail + slack * unit)
         f[F_NLL_LB, i] = -math.log(bound) if bound > 0.0 else np.inf
+    if status == BAD_VALUE:  # kept by --nan-policy propagate: NaN, as PyTorch would give
+        f[F_ENTROPY_LB, i] = np.nan
+        f[F_TAIL, i] = np.nan
+        f[F_NLL_LB, i] = np.nan
+        f[F_TARGET_LOGP, i] = np.nan
 
 
 @njit(**PAR)

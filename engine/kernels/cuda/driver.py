@@ -34,6 +34,10 @@ from engine.kernels import (
 )
 from engine.kernels.cuda.sim import simulated
 
+# Imported here, before the package's ``topk`` function is defined: importing the submodule
+# later (inside run_topk) would rebind ``engine.kernels.cuda.topk`` to the module.
+from engine.kernels.cuda.topk import index_digits, threads_per_row, topk_kernel
+
 NO_CUDA_MESSAGE = "CUDA requested but no CUDA device/driver was found"
 
 __all__ = [
@@ -384,8 +388,6 @@ def run_topk(p: Problem, k: int):
     in chunks of at most ``chunk_bytes`` of logits, one transfer each way per chunk."""
     _require()
     from numba import cuda
-
-    from engine.kernels.cuda.topk import index_digits, threads_per_row, topk_kernel
 
     compute = np.dtype(p.compute)
     xin = _device_logits(p)
