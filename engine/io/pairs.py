@@ -32,6 +32,8 @@ def slice_chunk(chunk: Chunk, start: int, stop: int) -> Chunk:
         file=chunk.file,
         file_row=chunk.file_row + start,
         row=chunk.row + start,
+        indices=cut(chunk.indices),
+        lse=cut(chunk.lse),
     )
 
 

@@ -22,6 +22,7 @@ from engine.errors import XentInputError, XentUsageError
 from engine.io import Chunk, Source, open_sink, open_source
 from engine.io.pairs import paired_chunks
 from engine.io.records import DEFAULT_CHUNK_BYTES
+from engine.jobs import sparse_comparison
 from engine.jobs.chunks import group_masks
 from engine.jobs.finish import Report
 from engine.jobs.spec import NAN_POLICIES, keep_tuple
@@ -68,6 +69,16 @@ class Sides:
     target: str | None  # the target column (read from the base), or None
     candidate_target: bool  # the candidate holds the same column: checked equal
 
+    @property
+    def sparse(self) -> bool:
+        """A side holds top-k rows (SPEC §8): engine.jobs.sparse_comparison does the rows."""
+        return self.base.sparse is not None or self.candidate.sparse is not None
+
+    @property
+    def with_target(self) -> bool:
+        """Per-target statistics: a target column, and every class on both sides."""
+        return self.target is not None and not self.sparse
+
 
 def open_sides(base, candidate, spec: CompareSpec, *, logits, candidate_logits, target,
                keep, group_by) -> Sides:  # fmt: skip
@@ -111,7 +122,10 @@ def open_sides(base, candidate, spec: CompareSpec, *, logits, candidate_logits, 
             f"{cand_src.files[0].path} has {b}; compare pairs rows by position",
             file=cand_src.files[0].path,
         )
-    return Sides(base_src, cand_src, classes, target, cand_target)
+    sides = Sides(base_src, cand_src, classes, target, cand_target)
+    if sides.sparse:
+        sparse_comparison.check_spec(spec, sides)
+    return sides
 
 
 def _classes(base: Source, cand: Source, vocab: int | None) -> int:
@@ -161,7 +175,7 @@ def _matrix(chunk: Chunk, src: Source, spec: CompareSpec, vocab: int | None):
     return np.ascontiguousarray(x), kind
 
 
-def _check_keys(a: Chunk, b: Chunk, sides: Sides, on) -> None:
+def check_keys(a: Chunk, b: Chunk, sides: Sides, on) -> None:
     for name in on:
         ka = a.keep.column(name)
         kb = b.keep.column(name)
@@ -178,7 +192,7 @@ def _check_keys(a: Chunk, b: Chunk, sides: Sides, on) -> None:
             )
 
 
-def _targets(a: Chunk, b: Chunk, sides: Sides, classes: int):
+def chunk_targets(a: Chunk, b: Chunk, sides: Sides, classes: int):
     """(y with -1 where ignored, ignored mask), checked against the candidate's column."""
     if sides.target is None:
         return None, np.zeros(a.num_rows, bool)
@@ -237,12 +251,16 @@ def compare_chunk(
 ):
     """Per-row values of one chunk pair, folded into ``state``; returns them (for -o)."""
     if spec.on:
-        _check_keys(a, b, sides, spec.on)
-    y, ignored = _targets(a, b, sides, sides.classes)
-    xa = _matrix(a, sides.base, spec, spec.vocab)
-    xb = _matrix(b, sides.candidate, spec, spec.vocab)
-    values = kernels.compare(xa[0], xa[1], xb[0], xb[1], y, spec.temperature)
-    bad = _nan_rows(values, a, b, xa, xb, spec.nan_policy)
+        check_keys(a, b, sides, spec.on)
+    y, ignored = chunk_targets(a, b, sides, sides.classes)
+    if sides.sparse:
+        values, bad = sparse_comparison.values(a, b, sides, spec, kernels, ignored)
+        y = None
+    else:
+        xa = _matrix(a, sides.base, spec, spec.vocab)
+        xb = _matrix(b, sides.candidate, spec, spec.vocab)
+        values = kernels.compare(xa[0], xa[1], xb[0], xb[1], y, spec.temperature)
+        bad = _nan_rows(values, a, b, xa, xb, spec.nan_policy)
     # nan_rows counts the rows skip drops (as eval); propagate keeps them, NaN and all
     skip = spec.nan_policy == "skip"
     counted = ~ignored & ~bad if skip else ~ignored
@@ -264,7 +282,9 @@ def compare_chunk(
                 int(ignored[mask].sum()),
                 int(np.count_nonzero(dropped[mask])),
             )
-    state.logit_bytes += xa[0].nbytes + xb[0].nbytes
+    state.logit_bytes += sum(
+        x.nbytes for c in (a, b) for x in (c.logits, c.indices) if x is not None
+    )
     return rows
 
 
@@ -313,7 +333,8 @@ def run(base, candidate, spec: CompareSpec, *, logits, candidate_logits, target,
     )  # fmt: skip
     chunk_rows = default_chunk_rows(sides, spec)
     state = CompareState(top_k=spec.top_k)
-    with_target = sides.target is not None
+    with_target = sides.with_target
+    warnings = [sparse_comparison.TARGET_WARNING] if sides.sparse and sides.target else []
     bar = make_progress(progress, sides.base)
     start = time.perf_counter()
     sink = contextlib.nullcontext()
@@ -334,4 +355,6 @@ def run(base, candidate, spec: CompareSpec, *, logits, candidate_logits, target,
         classes=sides.classes, temperature=spec.temperature, with_target=with_target,
         seconds=seconds,
     )  # fmt: skip
-    return Report(metrics, output=None if output is None else str(output))
+    if sides.sparse:
+        metrics = sparse_comparison.finish_report(metrics, sides)
+    return Report(metrics, warnings, output=None if output is None else str(output))

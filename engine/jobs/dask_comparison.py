@@ -20,6 +20,7 @@ from engine.compare_metrics import CompareState
 from engine.errors import XentInputError, XentUsageError
 from engine.io import Fragment, open_fragment
 from engine.io.pairs import pair_streams, rows_between
+from engine.jobs import sparse_comparison
 from engine.jobs.cluster import connect, env_number, host_threads, set_task_threads
 from engine.jobs.comparison import CompareSpec, Sides, compare_chunk, open_sides
 from engine.jobs.finish import Report
@@ -172,6 +173,10 @@ def compare(base, candidate, spec: CompareSpec, *, logits, candidate_logits, tar
         state.merge(results[i])
     metrics = state.report(
         classes=sides.classes, temperature=spec.temperature,
-        with_target=sides.target is not None, seconds=seconds,
+        with_target=sides.with_target, seconds=seconds,
     )  # fmt: skip
-    return Report(metrics)
+    warnings = []
+    if sides.sparse:
+        metrics = sparse_comparison.finish_report(metrics, sides)
+        warnings = [sparse_comparison.TARGET_WARNING] if sides.target else []
+    return Report(metrics, warnings)

@@ -56,7 +56,7 @@ def mode_of(sparse: SparseLayout) -> int:
     return MODE_LSE if sparse.lse is not None else MODE_TOPK
 
 
-def sparse_values(chunk: Chunk, src: Source, spec: JobSpec, y: np.ndarray):
+def sparse_values(chunk: Chunk, src: Source, nan_policy: str, y: np.ndarray, side: str = ""):
     """(f, ii, bad): the kernel's per-row values and the rows to drop for NaN values;
     malformed rows (class out of range, a class twice) are always errors."""
     sp = src.sparse
@@ -74,17 +74,17 @@ def sparse_values(chunk: Chunk, src: Source, spec: JobSpec, y: np.ndarray):
             if status[i] == BAD_INDEX
             else f"class {cls} appears twice in '{sp.indices}'"
         )
-        raise XentInputError(what, file=chunk.file, row=chunk.file_row + i)
+        raise XentInputError(side + what, file=chunk.file, row=chunk.file_row + i)
     bad = status == BAD_VALUE
-    if spec.nan_policy == "error" and bad.any():
+    if nan_policy == "error" and bad.any():
         i = int(np.argmax(bad))
         raise XentInputError(
-            f"NaN or +inf in '{sp.values}'{' or ' + repr(sp.lse) if sp.lse else ''} "
+            f"{side}NaN or +inf in '{sp.values}'{' or ' + repr(sp.lse) if sp.lse else ''} "
             "(use --nan-policy skip or propagate)",
             file=chunk.file,
             row=chunk.file_row + i,
         )
-    return f, ii, (bad if spec.nan_policy == "skip" else np.zeros_like(bad))
+    return f, ii, (bad if nan_policy == "skip" else np.zeros_like(bad))
 
 
 def targets_of(chunk: Chunk, spec: JobSpec, classes: int) -> api.Targets:
@@ -105,7 +105,7 @@ def targets_of(chunk: Chunk, spec: JobSpec, classes: int) -> api.Targets:
 def eval_sparse_chunk(chunk: Chunk, src: Source, spec: JobSpec, state: SparseState):
     classes = src.sparse.classes
     targets = targets_of(chunk, spec, classes)
-    f, ii, bad = sparse_values(chunk, src, spec, targets.y)  # y: -1 where not counted
+    f, ii, bad = sparse_values(chunk, src, spec.nan_policy, targets.y)  # y: -1 where not counted
     counted = targets.counted & ~bad
     k = chunk.logits.shape[1]
     state.total.add_rows(f, ii, counted, int(bad.sum()), k)
