@@ -340,6 +340,17 @@ def test_log_probs_input(rng, storage, classes):
 
 
 @pytest.mark.parametrize("storage", ["float32", "float64", "float16"])
+def test_log_probs_are_the_values_themselves(rng, storage):
+    """Log-prob input is not renormalised: the values come back as they are (exactly, up
+    to the float32 output) even when they do not sum to one; lse is theirs."""
+    v = _normal(rng, 50, 700).astype(storage)
+    idx, logp, lse = check(v, 12, input_kind="log_probs")
+    want = np.take_along_axis(v.astype(np.float64), idx, axis=1).astype(np.float32)
+    np.testing.assert_array_equal(logp, want)
+    assert (np.abs(lse) > 1.0).all()  # far from normalised: a shift by lse would show
+
+
+@pytest.mark.parametrize("storage", ["float32", "float64", "float16"])
 @pytest.mark.parametrize("classes", [7, 1000, 5000])
 def test_probs_input(rng, storage, classes):
     p = np.exp(_log_softmax(_normal(rng, 30, classes, scale=6.0)))
