@@ -440,3 +440,14 @@ def test_bad_k_and_shapes(rng):
         engine.topk_logprobs(np.zeros((2, 3), np.uint16), 1)
     with pytest.raises(ValueError, match="input_kind='logits'"):
         engine.topk_logprobs(x, 1, input_kind="probs", softcap=30.0)
+
+
+def test_nan_only_block_before_finite_blocks_keeps_lse_nan():
+    # a first block (512 values) of NaN, or of -inf and one NaN, then finite values: the
+    # NaN must survive the merge with the first finite block
+    x = np.zeros((2, 2000), np.float32)
+    x[0, :512] = np.nan
+    x[1, :512] = -np.inf
+    x[1, 7] = np.nan
+    _, _, lse = engine.topk_logprobs(x, 4)
+    assert np.isnan(lse).all()

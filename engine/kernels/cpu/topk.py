@@ -16,7 +16,8 @@ Order: descending value, and on equal values the smaller class index first (the 
 element equal to the root comes after it, so only strictly greater values enter.
 
 NaN never enters (comparisons with NaN are false) unless among the first K, and makes
-the lse NaN; the job's NaN policy decides about such rows before they get here.
+the lse NaN; the classes picked for a row holding NaN are unspecified (a NaN among the
+first K breaks the heap's order): the jobs' NaN policy decides about such rows.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def row_topk(z, k, hv, hix):
             ones, rest = block_sumexp(z, lo, hi_, bm, hv, hv[0:0])
             s64 = np.float64(ones) + np.float64(rest)
             if bm64 > M:
-                S = S * math.exp(M - bm64) + s64 if M != -np.inf else s64
+                # (S stays NaN once an earlier block held a NaN and nothing finite)
+                S = S * math.exp(M - bm64) + s64 if M != -np.inf else S + s64
                 M = bm64
             else:
                 S += s64 * math.exp(bm64 - M)

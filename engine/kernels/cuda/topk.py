@@ -11,22 +11,23 @@ select of PyTorch's ``topk``):
    lse = M + log1p(S) keeps its accuracy on confident rows); sums in float64.
 2. selection of the Q best: every element gets a unique *rank key*, the digits of an
    integer that orders like its value (NaN lowest, -0 = +0) followed by the digits of
-   ``imax - j`` (equal values: the smaller index ranks higher). A pass over the row
-   histograms the next 8-bit digit of the elements that share the digits chosen so far
-   (256 shared-memory counters); the bin where the count from the top reaches Q becomes
-   the next digit. Keys are unique, so this ends with exactly Q elements at or above the
-   prefix, usually well before the last digit (as soon as the bin holds just the number
-   still wanted).
+   ``imax - j`` (equal values: the smaller index ranks higher). Digit by digit (8 bits, a
+   histogram of 256 shared-memory counters), the bin where the count from the top reaches
+   Q becomes the next digit of the prefix. The first digits' histogram comes with the lse
+   pass (it is the same for every selection); each later digit takes a pass over the row
+   counting the elements that share the prefix chosen so far. Keys are unique, so this
+   ends with exactly Q elements at or above the prefix, usually well before the last
+   digit (as soon as the bin holds just the number still wanted).
 3. gather: a pass writes the (at most 256) selected elements to shared memory in any order
    (an atomic slot counter); a bitonic sort by rank key orders them.
 
 K above 256 takes rounds of 256: round i selects the 256·(i+1) best and gathers those not
 among the 256·i best of the round before, so shared memory stays fixed.
 
-Cost: each selection pass re-reads the row (in L2 for the rows in flight). Uniform
-(Gaussian-like) logits usually need two or three digits; ties at the K-th value need the
-index digits too. Every thread of the block runs every loop and barrier the same number
-of times (the simulator's warp reductions rely on it, see sim.py).
+Cost: one read of the row for the lse, one per further digit, one to gather (in L2 for
+the rows in flight). Gaussian-like float32 logits usually take two or three digits; ties
+at the K-th value take the index digits too. Every thread of the block runs every loop
+and barrier the same number of times (the simulator's warp reductions rely on it).
 """
 
 from __future__ import annotations
@@ -159,37 +160,41 @@ def _make(bf16: bool, compute: str):
         return (ik >> s) >= (ipre >> s)
 
     @cuda.jit(device=True)
-    def select(x, r, C, q, kind, cap, tiny, ndig, imax, hist, ctl, T):
+    def select(x, r, C, q, kind, cap, tiny, ndig, imax, hist0, hist, ctl, T):
         """(vpre, ipre, nd): the q best of row r are the elements whose key's first nd
-        digits are at or above this prefix. Every thread returns the same values."""
+        digits are at or above this prefix. Every thread returns the same values.
+        ``hist0``: the row's histogram of first digits (the lse pass counts it)."""
         tid = cuda.threadIdx.x
         vpre = I64(0)
         ipre = I64(0)
         nd = 0
         want = q  # how many of the elements sharing the prefix are still to take
         while True:
-            for b in range(tid, 256, T):
-                hist[b] = 0
-            cuda.syncthreads()
-            for j in range(tid, C, T):
-                vk = value_key(value(x, r, j, kind, cap, tiny))
-                ik = imax - j
-                if in_prefix(vk, ik, vpre, ipre, nd, ndig):
-                    cuda.atomic.add(hist, digit(vk, ik, nd, ndig), 1)
-            cuda.syncthreads()
+            h = hist0
+            if nd > 0:
+                h = hist
+                for b in range(tid, 256, T):
+                    h[b] = 0
+                cuda.syncthreads()
+                for j in range(tid, C, T):
+                    vk = value_key(value(x, r, j, kind, cap, tiny))
+                    ik = imax - j
+                    if in_prefix(vk, ik, vpre, ipre, nd, ndig):
+                        cuda.atomic.add(h, digit(vk, ik, nd, ndig), 1)
+                cuda.syncthreads()
             if tid == 0:
                 # from the top bin down, until the count reaches what is wanted (the
                 # prefix's elements number at least ``want``, so b stays >= 0)
                 above = 0
                 b = 255
-                while above + hist[b] < want:
-                    above += hist[b]
+                while above + h[b] < want:
+                    above += h[b]
                     b -= 1
                 ctl[0] = b
                 ctl[1] = want - above
-                ctl[2] = hist[b]
+                ctl[2] = h[b]
             cuda.syncthreads()
-            # (ctl is written again only two barriers on, after every thread read it)
+            # (thread 0 writes ctl again only barriers later, after every thread read it)
             b = ctl[0]
             want = ctl[1]
             done = ctl[2] == want  # every element of the new prefix is taken
@@ -243,6 +248,7 @@ def _make(bf16: bool, compute: str):
         sh = cuda.shared.array(32, F)
         shi = cuda.shared.array(32, I64)
         sh3 = cuda.shared.array((3, 32), D)
+        hist0 = cuda.shared.array(256, I32)
         hist = cuda.shared.array(256, I32)
         ctl = cuda.shared.array(4, I32)
         skey = cuda.shared.array(KMAX, I64)
@@ -253,11 +259,16 @@ def _make(bf16: bool, compute: str):
         ndig = VD + idig  # digits of a rank key
         imax = (I64(1) << (RADIX_BITS * idig)) - 1
 
-        # 1. lse: online max m and s = Σ exp(u - m) less one maximal element's 1
+        # 1. lse: online max m and s = Σ exp(u - m) less one maximal element's 1; and the
+        # histogram of first digits, the same for every selection
+        for b in range(tid, 256, T):
+            hist0[b] = 0
+        cuda.syncthreads()
         m = NEG_INF
         s = DZERO
         for j in range(tid, C, T):
             u = value(x, r, j, kind, cap, tiny)
+            cuda.atomic.add(hist0, digit(value_key(u), 0, 0, ndig), 1)
             if u > m:
                 if m != NEG_INF:
                     s = (s + DONE) * math.exp(D(m) - D(u))
@@ -274,6 +285,7 @@ def _make(bf16: bool, compute: str):
             out_lse[r] = F(D(M) + lnS)
         shift = lnS if kind == 0 else DZERO
         base = D(M) if kind == 0 else DZERO
+        cuda.syncthreads()  # hist0 complete (a one-warp row's reductions have no barrier)
 
         # 2-3. rounds of at most KMAX: select the q best, gather those not among the a best
         a = 0
@@ -283,7 +295,7 @@ def _make(bf16: bool, compute: str):
         while a < k:
             q = min(k, a + KMAX)
             nq = q - a
-            vpre, ipre, nd = select(x, r, C, q, kind, cap, tiny, ndig, imax, hist, ctl, T)
+            vpre, ipre, nd = select(x, r, C, q, kind, cap, tiny, ndig, imax, hist0, hist, ctl, T)
             npad = 1
             while npad < nq:
                 npad *= 2
