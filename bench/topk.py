@@ -1,7 +1,7 @@
 """Top-K emission and sparse evaluation (SPEC §8) against their peers.
 
     python -m bench.topk [--classes 32000,128256] [--k 64] [--threads 2] [--mb 100]
-                         [--repeats 7] [--eval-rows 200000] [--json]
+                         [--repeats 7] [--eval-rows 50000] [--json]
 
 1. Top-K emission, same process, same float32 array, ``--threads`` threads each:
    ``engine.topk_logprobs(x, K)`` (indices, log-probs over all C, lse: one read of each
@@ -88,12 +88,14 @@ def _eval_rates(rows, k, repeats, workdir):
         secs = [time_call(lambda p=path: engine.evaluate(p))[0] for _ in range(repeats)]
         med = statistics.median(secs)
         out[name] = {
-            "rows": rows, "rows_per_second": rows / med, "bytes": os.path.getsize(path),
+            "rows": rows,
+            "rows_per_second": rows / med,
+            "bytes": os.path.getsize(path),
         }
     return out
 
 
-def run(classes=CLASSES, k=64, threads=2, mb=100, repeats=7, eval_rows=200_000):
+def run(classes=CLASSES, k=64, threads=2, mb=100, repeats=7, eval_rows=50_000):
     set_threads(threads)
     emission = [_emission(C, k, mb, repeats) for C in classes]
     with tempfile.TemporaryDirectory() as d:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mb", type=float, default=100, help="MB of logits per emission case")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--eval-rows", type=int, default=200_000)
+    p.add_argument("--eval-rows", type=int, default=50_000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     classes = tuple(int(c) for c in a.classes.split(","))

@@ -17,10 +17,11 @@ def open_fragment(
     keep: Sequence[str] | str = (),
     group_by: str | None = None,
     logits_dtype: str | None = None,
+    sparse=None,
 ) -> Source:
     """A Source over one fragment; chunk `row`s continue from `fragment.first_row`."""
     keep = normalise_keep(keep)
-    entry = open_entry(fragment.path, logits, target, keep, group_by, logits_dtype)
+    entry = open_entry(fragment.path, logits, target, keep, group_by, logits_dtype, sparse)
     if fragment.row_groups is not None:
         reader = entry.reader
         entry.selection = tuple(fragment.row_groups)

@@ -60,10 +60,12 @@ from engine.jobs.finish import (
     metrics_report,
     recorded_metrics,
 )
-from engine.jobs.spec import JobSpec, for_source, open_job_source
+from engine.jobs.sparse_eval import check_options, eval_sparse_chunk
+from engine.jobs.spec import JobSpec, for_source, open_job_source, require_dense
 from engine.metrics import MetricState
 from engine.progress import make_progress
 from engine.schema import empty_row_stats
+from engine.sparse_metrics import SparseState
 
 #: Extra attempts of a task that raised (a worker that dies is handled by the scheduler,
 #: which reschedules its tasks on the others).
@@ -127,12 +129,21 @@ def _task(job: _Job, index: int, fragment: Fragment, part_path: str | None) -> _
             keep=job.keep,
             group_by=job.group_by,
             logits_dtype=job.read_dtype,
+            sparse=job.spec.sparse,
         )
         if job.kind == "grad":
             return _grad_fragment(job, index, src, kernels, part_path, fragment)
         return _eval_fragment(job, index, src, kernels, part_path, fragment)
     except XentInputError as e:
         return _Result(index, error=(e.what, e.file, e.row))
+
+
+def _sparse_eval_fragment(job: _Job, index: int, src: Source, fragment) -> _Result:
+    """eval over sparse top-k rows (engine.jobs.sparse_eval), one fragment."""
+    state = SparseState(top_k=job.spec.top_k)
+    for chunk in _chunks(src, job.spec, fragment):
+        eval_sparse_chunk(chunk, src, job.spec, state)
+    return _Result(index, rows=state.total.rows, nbytes=state.logit_bytes, state=state)
 
 
 def _chunks(src: Source, spec: JobSpec, fragment: Fragment):
@@ -145,6 +156,8 @@ def _chunks(src: Source, spec: JobSpec, fragment: Fragment):
 
 def _eval_fragment(job: _Job, index: int, src: Source, kernels, part_path, fragment) -> _Result:
     spec = job.spec
+    if src.sparse is not None:
+        return _sparse_eval_fragment(job, index, src, fragment)
     state = MetricState(top_k=spec.top_k)
     warning = None
     sink = sinks.Sink(part_path, overwrite=True) if part_path else None
@@ -292,6 +305,8 @@ def evaluate(
     src = open_job_source(source, spec, logits, target, group_by=group_by)
     read_dtype = spec.opts.logits_dtype
     spec, classes = for_source(src, spec)
+    if src.sparse is not None:
+        check_options(spec)
     with connect(address) as client:
         frags = src.fragments(_fragment_rows(src, client, fragment_rows))
         frags, names = _absolute(frags)
@@ -321,12 +336,15 @@ def evaluate(
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-    state = MetricState(top_k=spec.top_k)
+    state = (SparseState if src.sparse is not None else MetricState)(top_k=spec.top_k)
     for i in range(len(frags)):  # fragment order: the same sums in the same order each run
         state.merge(results[i].state)
     first = results.get(job.warn_index)  # only the first rows are checked, as locally
     warnings = [first.warning] if first is not None and first.warning else []
     metrics = metrics_report(state, spec, classes, src.soft_targets, seconds)
+    if src.sparse is not None:
+        metrics["topk"] = src.row_width
+        metrics["normalised_over"] = src.sparse.normalised_over
     return Report(metrics, warnings)
 
 
@@ -396,6 +414,7 @@ def _output_job(kind, source, spec: JobSpec, logits, target, keep, threads):
     """(source, job) of a score or grad job: the source opened on the client (footers
     only), the spec as the source needs it, the keep columns' schema for empty parts."""
     src = open_job_source(source, spec, logits, target, keep=keep)
+    require_dense(src, kind)
     read_dtype = spec.opts.logits_dtype  # as asked: workers open their fragments the same way
     spec, classes = for_source(src, spec)
     job = _Job(

@@ -23,7 +23,13 @@ from engine.jobs.finish import (
     metrics_report,
     recorded_metrics,
 )
-from engine.jobs.spec import JobSpec, for_source, is_directory_output, open_job_source
+from engine.jobs.spec import (
+    JobSpec,
+    for_source,
+    is_directory_output,
+    open_job_source,
+    require_dense,
+)
 from engine.metrics import MetricState
 from engine.progress import make_progress
 from engine.schema import empty_row_stats
@@ -67,6 +73,7 @@ def score(
     source, output, spec: JobSpec, *, keep, overwrite, resume, logits, target, progress, threads
 ) -> Report:
     spec, kernels, src, classes = _setup(source, spec, threads, logits, target, keep)
+    require_dense(src, "score")
     bar = make_progress(progress, src)
     start = time.perf_counter()
     warnings: list[str] = []
@@ -129,6 +136,7 @@ def gradients(
     progress, threads,
 ) -> Report:  # fmt: skip
     spec, kernels, src, classes = _setup(source, spec, threads, logits, target, keep)
+    require_dense(src, "grad")
     bar = make_progress(progress, src)
     denominators = (None, None)
     if spec.opts.reduction == "mean":  # global: one cheap pass over the target column first

@@ -115,6 +115,16 @@ def for_source(src: Source, spec: JobSpec) -> tuple[JobSpec, int]:
     return spec, classes
 
 
+def require_dense(src: Source, command: str) -> None:
+    """score and grad write one value per class or per row from every class's logit."""
+    if src.sparse is not None:
+        raise XentInputError(
+            f"{command} needs every class's logit; these are sparse top-k rows "
+            "(eval and compare read them)",
+            file=src.files[0].path,
+        )
+
+
 def keep_tuple(keep) -> tuple[str, ...]:
     """``keep`` as given to the API: a comma-separated string or a sequence of names."""
     if isinstance(keep, str):

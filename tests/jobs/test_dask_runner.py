@@ -394,3 +394,29 @@ def test_file_uri_source_runs_on_the_cluster(address, tmp_path):
     remote = engine.evaluate(f"file://{path}", device="cpu", dask=address).to_dict()
     for key in ("loss", "nll", "accuracy", "rows", "counted"):
         assert remote[key] == pytest.approx(local[key], rel=1e-12)
+
+
+def test_sparse_topk_score_and_eval_equal_local(data, address, tmp_path):
+    """score --emit-topk on Dask writes the same top-k parts; eval of sparse rows (read
+    back from them) merges to the local report."""
+    local_out = tmp_path / "local.parquet"
+    engine.score(data, local_out, keep=("target", "lang"), emit_topk=6, device="cpu")
+    parts = tmp_path / "parts"
+    engine.score(data, parts, keep=("target", "lang"), emit_topk=6, device="cpu", dask=address)
+    import pyarrow.dataset as ds
+
+    remote_table = ds.dataset(str(parts), format="parquet").to_table()
+    local_table = pq.read_table(local_out)
+    for col in ("topk_indices", "topk_logprobs"):
+        assert remote_table.column(col).to_pylist() == local_table.column(col).to_pylist()
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    pq.write_table(local_table.slice(0, 150), sparse / "a.parquet", row_group_size=30)
+    pq.write_table(local_table.slice(150), sparse / "b.parquet", row_group_size=30)
+    options = {"group_by": "lang", "top_k": (1, 3, 8)}
+    local = engine.evaluate(str(sparse), device="cpu", **options).to_dict()
+    remote = engine.evaluate(str(sparse), device="cpu", dask=address, **options).to_dict()
+    assert remote["topk"] == 6 and remote["target_stored"] > 0
+    _assert_same(local, remote)
+    with pytest.raises(XentInputError, match="sparse top-k"):
+        engine.score(str(sparse), tmp_path / "x", device="cpu", dask=address)
