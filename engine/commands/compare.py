@@ -12,6 +12,7 @@ from engine.commands.options import (
     logits_dtype_option,
     no_progress_option,
     parse_top_k,
+    sparse_options,
     split_names,
     threads_option,
 )
@@ -92,6 +93,7 @@ from engine.commands.output import (
     help="Rows with NaN/inf: stop, drop and count them, or propagate.",
 )
 @logits_dtype_option
+@sparse_options
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),

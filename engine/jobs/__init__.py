@@ -185,11 +185,19 @@ def compare(
     dask=None,
     progress=False,
     threads=None,
+    **sparse,
 ) -> Report:
     """Two models' logits over the same rows: KL both ways, JSD, TVD, top-k agreement and,
     with a target, each model's NLL and their ratio (SPEC §7). ``output`` writes the
-    per-row values (one row per input row, ``keep`` columns from ``base``)."""
+    per-row values (one row per input row, ``keep`` columns from ``base``).
+    ``topk_indices``, ``topk_values``, ``classes``, ``topk_kind``, ``lse``: how a side
+    without the logits column stores sparse top-k rows (SPEC §8)."""
     from engine.jobs import comparison as job
+    from engine.jobs.spec import SPARSE_ARGUMENTS, sparse_request
+
+    unknown = set(sparse) - set(SPARSE_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"compare() got an unexpected keyword argument {sorted(unknown)[0]!r}")
 
     spec = job.CompareSpec(
         temperature=temperature,
@@ -199,6 +207,7 @@ def compare(
         nan_policy=nan_policy,
         logits_dtype=logits_dtype,
         chunk_rows=chunk_rows,
+        sparse=sparse_request(dict(sparse)),
     )
     if dask:
         from engine.jobs import dask_comparison as runner

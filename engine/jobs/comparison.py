@@ -20,7 +20,10 @@ from engine import api, dtypes
 from engine.compare_metrics import CompareState
 from engine.errors import XentInputError, XentUsageError
 from engine.io import Chunk, Source, open_sink, open_source
+from engine.io.formats import open_reader
+from engine.io.layouts import SparseRequest
 from engine.io.pairs import paired_chunks
+from engine.io.paths import expand_paths
 from engine.io.records import DEFAULT_CHUNK_BYTES
 from engine.jobs import sparse_comparison
 from engine.jobs.chunks import group_masks
@@ -43,6 +46,7 @@ class CompareSpec:
     nan_policy: str = "error"
     logits_dtype: str | None = None
     chunk_rows: int | None = None
+    sparse: SparseRequest | None = None  # how a side without the logits column stores top-k
 
     def __post_init__(self):
         t = float(self.temperature)
@@ -84,7 +88,11 @@ def open_sides(base, candidate, spec: CompareSpec, *, logits, candidate_logits, 
                keep, group_by) -> Sides:  # fmt: skip
     """Open both sides, find the target and check classes and row counts."""
     cand_logits = candidate_logits or logits
-    probe = open_source(base, logits=logits, target=None, logits_dtype=spec.logits_dtype)
+    base_sparse = _sparse_request(base, logits, spec.sparse)
+    cand_sparse = _sparse_request(candidate, cand_logits, spec.sparse)
+    probe = open_source(
+        base, logits=logits, target=None, logits_dtype=spec.logits_dtype, sparse=base_sparse
+    )
     if target is not None and target not in probe.schema.names:
         if target != "target":  # asked for by name: it must be there
             raise XentInputError(
@@ -99,13 +107,17 @@ def open_sides(base, candidate, spec: CompareSpec, *, logits, candidate_logits, 
         keep=tuple(dict.fromkeys(keep + spec.on)),
         group_by=group_by,
         logits_dtype=spec.logits_dtype,
+        sparse=base_sparse,
     )
     if base_src.soft_targets:
         raise XentInputError(
             "compare takes class-index targets; this target column holds probabilities",
             file=base_src.files[0].path,
         )
-    probe = open_source(candidate, logits=cand_logits, target=None, logits_dtype=spec.logits_dtype)
+    probe = open_source(
+        candidate, logits=cand_logits, target=None, logits_dtype=spec.logits_dtype,
+        sparse=cand_sparse,
+    )  # fmt: skip
     cand_target = target is not None and target in probe.schema.names
     cand_src = open_source(
         candidate,
@@ -113,6 +125,7 @@ def open_sides(base, candidate, spec: CompareSpec, *, logits, candidate_logits, 
         target=target if cand_target else None,
         keep=spec.on,
         logits_dtype=spec.logits_dtype,
+        sparse=cand_sparse,
     )
     classes = _classes(base_src, cand_src, spec.vocab)
     a, b = base_src.num_rows, cand_src.num_rows
@@ -126,6 +139,18 @@ def open_sides(base, candidate, spec: CompareSpec, *, logits, candidate_logits, 
     if sides.sparse:
         sparse_comparison.check_spec(spec, sides)
     return sides
+
+
+def _sparse_request(paths, logits: str, request: SparseRequest | None):
+    """The sparse request for a side whose files lack the logits column (else None: dense,
+    or sparse by the default top-k columns)."""
+    if request is None:
+        return None
+    try:
+        schema = open_reader(expand_paths(paths)[0]).schema
+    except XentInputError:
+        return None  # opening the side says what is wrong
+    return request if logits not in schema.names else None
 
 
 def _classes(base: Source, cand: Source, vocab: int | None) -> int:

@@ -46,6 +46,7 @@ class _Task:
     candidates: tuple[Fragment, ...]
     threads: int | None
     host_threads: dict = field(default_factory=dict)  # host -> Dask worker threads there
+    sparse: tuple = (None, None)  # the SparseRequest each side was opened with
 
 
 def _run_task(task: _Task):
@@ -57,7 +58,7 @@ def _run_task(task: _Task):
         spec = task.spec
         base = open_fragment(
             task.base, logits=task.logits, target=task.target, keep=spec.on,
-            group_by=task.group_by, logits_dtype=spec.logits_dtype,
+            group_by=task.group_by, logits_dtype=spec.logits_dtype, sparse=task.sparse[0],
         )  # fmt: skip
         opened = [
             open_fragment(
@@ -66,6 +67,7 @@ def _run_task(task: _Task):
                 target=task.target if task.candidate_target else None,
                 keep=spec.on,
                 logits_dtype=spec.logits_dtype,
+                sparse=task.sparse[1],
             )  # fmt: skip
             for f in task.candidates
         ]
@@ -134,6 +136,10 @@ def compare(base, candidate, spec: CompareSpec, *, logits, candidate_logits, tar
             f,
             _overlapping(cand_frags, f.first_row, f.first_row + f.rows),
             threads,
+            sparse=(
+                spec.sparse if sides.base.sparse is not None else None,
+                spec.sparse if sides.candidate.sparse is not None else None,
+            ),
         )  # fmt: skip
         for f in base_frags
         if f.rows

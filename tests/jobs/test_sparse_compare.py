@@ -121,3 +121,28 @@ def test_refused_options_and_errors(pair, tmp_path, rng):
     with pytest.raises(XentInputError) as e:
         engine.compare(paths["b"], str(path))
     assert e.value.row == 11 and "candidate: " in str(e.value) and "twice" in str(e.value)
+
+
+def test_named_columns_and_class_count_from_flags(pair, tmp_path):
+    """A side stored under other names and without xent.classes (as an inference server's
+    top-k log-probs): the sparse flags describe it; the dense side stays dense."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths, _, _ = pair
+    t = pq.read_table(paths["c32"])
+    plain = pa.table(
+        {
+            "ids": t.column("topk_indices").cast(pa.list_(pa.int64())),
+            "lps": t.column("topk_logprobs").cast(pa.list_(pa.float32())),
+        }
+    )
+    path = tmp_path / "server.parquet"
+    pq.write_table(plain, path)
+    ref = engine.compare(paths["b"], paths["c32"]).to_dict()
+    got = engine.compare(
+        paths["b"], str(path), topk_indices="ids", topk_values="lps", classes=C
+    ).to_dict()
+    assert got["kl"]["mean"] == pytest.approx(ref["kl"]["mean"], rel=1e-12)
+    r = run("compare", paths["b"], path, "--topk-indices", "ids", "--topk-values", "lps")
+    user_error(r, "--classes")
