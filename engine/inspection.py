@@ -60,7 +60,6 @@ def open_for_inspect(sources, logits, target, logits_dtype, sparse=None):
 
 def scan_sparse(source, chunk) -> tuple[dict, list[str]]:
     """Mean tail mass of a sample of sparse rows, and the first malformed row."""
-    from engine.jobs.sparse_eval import mode_of
     from engine.kernels.cpu.sparse import (
         BAD_INDEX,
         DUPLICATE_INDEX,
@@ -74,7 +73,7 @@ def scan_sparse(source, chunk) -> tuple[dict, list[str]]:
     sp = source.sparse
     y = np.full(chunk.num_rows, -1, np.int64)
     f, ii = sparse_rows(
-        chunk.logits, source.storage, chunk.indices, y, chunk.lse, mode_of(sp), sp.classes
+        chunk.logits, source.storage, chunk.indices, y, chunk.lse, sp.value_mode, sp.classes
     )
     ok = ii[I_STATUS] == OK
     facts = {"mean_tail_mass": float(np.mean(f[F_TAIL][ok])) if ok.any() else None}

@@ -212,6 +212,14 @@ class SparseLayout:
     classes: int
 
     @property
+    def value_mode(self) -> str:
+        """What a value has to subtract to be a log-prob over all C: 'logprobs' (nothing),
+        'lse' (the lse column), 'topk' (the lse of the k values: normalised over k)."""
+        if self.kind == "logprobs":
+            return "logprobs"
+        return "lse" if self.lse is not None else "topk"
+
+    @property
     def normalised_over(self) -> str:
         """'all': log-probs over all C classes are known; 'topk': over the k alone."""
         return "topk" if self.kind == "logits" and self.lse is None else "all"

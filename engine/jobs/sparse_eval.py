@@ -10,7 +10,6 @@ import numpy as np
 from engine import api
 from engine.errors import TargetOutOfRange, XentInputError, XentUsageError
 from engine.io import Chunk, Source
-from engine.io.layouts import SparseLayout
 from engine.jobs.chunks import group_masks
 from engine.jobs.finish import Report, metrics_report
 from engine.jobs.spec import JobSpec
@@ -20,9 +19,6 @@ from engine.kernels.cpu.sparse import (
     DUPLICATE_INDEX,
     I_BAD_COLUMN,
     I_STATUS,
-    MODE_LOGPROBS,
-    MODE_LSE,
-    MODE_TOPK,
     sparse_rows,
 )
 from engine.progress import make_progress
@@ -50,18 +46,12 @@ def check_options(spec: JobSpec) -> None:
         )
 
 
-def mode_of(sparse: SparseLayout) -> int:
-    if sparse.kind == "logprobs":
-        return MODE_LOGPROBS
-    return MODE_LSE if sparse.lse is not None else MODE_TOPK
-
-
 def sparse_values(chunk: Chunk, src: Source, nan_policy: str, y: np.ndarray, side: str = ""):
     """(f, ii, bad): the kernel's per-row values and the rows to drop for NaN values;
     malformed rows (class out of range, a class twice) are always errors."""
     sp = src.sparse
     f, ii = sparse_rows(
-        chunk.logits, src.storage, chunk.indices, y, chunk.lse, mode_of(sp), sp.classes
+        chunk.logits, src.storage, chunk.indices, y, chunk.lse, sp.value_mode, sp.classes
     )
     status = ii[I_STATUS]
     broken = np.flatnonzero((status == BAD_INDEX) | (status == DUPLICATE_INDEX))

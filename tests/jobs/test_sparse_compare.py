@@ -146,3 +146,32 @@ def test_named_columns_and_class_count_from_flags(pair, tmp_path):
     assert got["kl"]["mean"] == pytest.approx(ref["kl"]["mean"], rel=1e-12)
     r = run("compare", paths["b"], path, "--topk-indices", "ids", "--topk-values", "lps")
     user_error(r, "--classes")
+
+
+def test_dask_equals_local(pair, tmp_path, monkeypatch):
+    """A sparse side under other names (the flags travel to the workers) against a dense
+    one split in row groups: the same report on Dask."""
+    pytest.importorskip("distributed")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("XENT_DASK_FRAGMENT_ROWS", "70")
+    paths, _, _ = pair
+    dense = pq.read_table(paths["b"])
+    base = tmp_path / "base.parquet"
+    pq.write_table(dense, base, row_group_size=50)
+    t = pq.read_table(paths["c8"])
+    cand = tmp_path / "cand.parquet"
+    pq.write_table(
+        pa.table({"ids": t.column("topk_indices"), "lps": t.column("topk_logprobs")}),
+        cand,
+        row_group_size=40,
+    )
+    opts = {"topk_indices": "ids", "topk_values": "lps", "classes": C}
+    local = engine.compare(str(base), str(cand), **opts).to_dict()
+    remote = engine.compare(str(base), str(cand), dask="local:2", **opts).to_dict()
+    assert remote["rows"] == local["rows"] == ROWS and remote["kl_is_lower_bound"]
+    for key in ("kl", "kl_reverse", "jsd", "tvd", "top1_agreement"):
+        assert remote[key]["mean"] == pytest.approx(local[key]["mean"], rel=1e-12), key
+    assert remote["kl"]["max"] == local["kl"]["max"]
+    assert remote["top_k_agreement"]["10"]["mean"] is None

@@ -28,6 +28,7 @@ from numba import njit, prange
 from engine.kernels.cpu.scalars import JIT, PAR, widen
 
 MODE_LOGPROBS, MODE_LSE, MODE_TOPK = 0, 1, 2
+MODES = {"logprobs": MODE_LOGPROBS, "lse": MODE_LSE, "topk": MODE_TOPK}  # by value_mode
 
 # rows of the float64 output
 F_TARGET_LOGP, F_MAX_LOGP, F_TAIL, F_ENTROPY_LB, F_NLL_LB, F_NORMALISER = range(6)
@@ -167,10 +168,11 @@ _KERNEL_VIEWS = {"float16": np.uint16, "bfloat16": np.int16}
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 
 
-def sparse_rows(values, storage: str, indices, y, lse, mode: int, classes: int):
+def sparse_rows(values, storage: str, indices, y, lse, mode: str, classes: int):
     """(f, ii): float64 (N_F x rows) and int64 (N_I x rows) per-row values (see F_*, I_*)
     of sparse rows: ``values`` rows x k of the given storage kind, ``indices`` rows x k
-    integers, ``y`` int64 targets (-1: not counted), ``lse`` float64 per row or None."""
+    integers, ``y`` int64 targets (-1: not counted), ``lse`` float64 per row or None;
+    ``mode``: a key of MODES (engine.io.layouts.SparseLayout.value_mode)."""
     import numba
 
     n = values.shape[0]
@@ -181,7 +183,7 @@ def sparse_rows(values, storage: str, indices, y, lse, mode: int, classes: int):
         idx = indices if indices.dtype in (np.int32, np.int64) else indices.astype(np.int64)
         lse_arr = np.zeros(0) if lse is None else np.ascontiguousarray(lse, dtype=np.float64)
         sparse_rows_kernel(
-            vals, idx, np.ascontiguousarray(y, dtype=np.int64), lse_arr, int(mode),
+            vals, idx, np.ascontiguousarray(y, dtype=np.int64), lse_arr, MODES[mode],
             int(classes), UNIT_ROUNDOFF[storage], numba.get_num_threads(), f, ii,
         )  # fmt: skip
     return f, ii
