@@ -102,6 +102,7 @@ def values(a: Chunk, b: Chunk, sides, spec, kernels, ignored: np.ndarray):
             row=chunk.file_row + r,
         )
     d = sparse_divergence(base, cand, classes)
+    d[:, bad] = np.nan  # kept by --nan-policy propagate: NaN, whatever the cells held
     rows = {
         "kl": d[D_KL],
         "kl_reverse": d[D_KL_REVERSE],

@@ -175,3 +175,24 @@ def test_dask_equals_local(pair, tmp_path, monkeypatch):
         assert remote[key]["mean"] == pytest.approx(local[key]["mean"], rel=1e-12), key
     assert remote["kl"]["max"] == local["kl"]["max"]
     assert remote["top_k_agreement"]["10"]["mean"] is None
+
+
+def test_nan_values_by_policy(pair, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths, _, _ = pair
+    t = pq.read_table(paths["c8"])
+    lp = np.stack(t.column("topk_logprobs").to_numpy(zero_copy_only=False)).copy()
+    lp[9, 2] = np.nan
+    col = pa.FixedSizeListArray.from_arrays(pa.array(lp.ravel()), 8)
+    field = t.schema.field("topk_logprobs")
+    path = tmp_path / "nan.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("topk_logprobs"), field, col), path)
+    with pytest.raises(XentInputError) as e:
+        engine.compare(paths["b"], str(path))
+    assert e.value.row == 9 and "candidate: NaN" in str(e.value)
+    d = engine.compare(paths["b"], str(path), nan_policy="skip").to_dict()
+    assert d["nan_rows"] == 1 and d["counted"] == ROWS - 1
+    d = engine.compare(paths["b"], str(path), nan_policy="propagate").to_dict()
+    assert d["kl"]["mean"] is None
