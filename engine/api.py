@@ -169,6 +169,12 @@ def make_problem(logits, targets: Targets, opts: LossOptions) -> Problem:
     )
 
 
+def logits_problem(logits, opts: LossOptions) -> Problem:
+    """A Problem of logits alone (no targets), for kernels that read only the rows."""
+    none = Targets(np.zeros(0, np.int64), None, np.zeros(0, bool), 0.0, 0)
+    return make_problem(logits, none, opts)
+
+
 def _compute_dtype(logits, opts):
     return dtypes.compute_dtype(dtypes.storage_kind(np.asarray(logits).dtype, opts.logits_dtype))
 
@@ -320,6 +326,4 @@ def topk_logprobs(logits, k: int, *, device: str = "cpu", **options):
         raise XentUsageError(
             f"k must be between 1 and the number of classes ({x.shape[1]}), got {k}"
         )
-    none = Targets(np.zeros(0, np.int64), None, np.zeros(0, bool), 0.0, 0)
-    problem = make_problem(x, none, opts)
-    return backend(device).topk(problem, k)
+    return backend(device).topk(logits_problem(x, opts), k)

@@ -20,16 +20,13 @@ from engine.jobs.spec import JobSpec
 from engine.metrics import MetricState
 
 
-def chunk_problem(chunk: Chunk, spec: JobSpec, classes: int):
-    """Validate a chunk's targets and build the kernel Problem (errors name file and row)."""
-    x = chunk.logits
-    kind = dtypes.storage_kind(x.dtype, spec.opts.logits_dtype)
-    compute = dtypes.compute_dtype(kind)
+def chunk_targets(chunk: Chunk, spec: JobSpec, classes: int, compute) -> api.Targets:
+    """A chunk's validated targets (errors name file and row)."""
     if chunk.target is None:
         raise XentInputError("no target column", file=chunk.file)
     try:
-        targets = api.prepare_targets(
-            chunk.target, x.shape[0], classes, spec.opts, compute, valid=chunk.target_valid
+        return api.prepare_targets(
+            chunk.target, chunk.num_rows, classes, spec.opts, compute, valid=chunk.target_valid
         )
     except TargetOutOfRange as err:
         raise XentInputError(
@@ -37,6 +34,13 @@ def chunk_problem(chunk: Chunk, spec: JobSpec, classes: int):
             file=chunk.file,
             row=chunk.file_row + err.row,
         ) from None
+
+
+def chunk_problem(chunk: Chunk, spec: JobSpec, classes: int):
+    """Validate a chunk's targets and build the kernel Problem (errors name file and row)."""
+    x = chunk.logits
+    compute = dtypes.compute_dtype(dtypes.storage_kind(x.dtype, spec.opts.logits_dtype))
+    targets = chunk_targets(chunk, spec, classes, compute)
     return targets, api.make_problem(x, targets, spec.opts)
 
 
@@ -96,9 +100,8 @@ def topk_of(chunk: Chunk, spec: JobSpec, classes: int, kernels):
     """``--emit-topk``: the chunk's topk columns for sinks.score_table, or None."""
     if not spec.emit_topk:
         return None
-    x = chunk.logits
-    none = api.Targets(np.zeros(0, np.int64), None, np.zeros(0, bool), 0.0, 0)
-    indices, logprobs, _ = kernels.topk(api.make_problem(x, none, spec.opts), spec.emit_topk)
+    problem = api.logits_problem(chunk.logits, spec.opts)
+    indices, logprobs, _ = kernels.topk(problem, spec.emit_topk)
     return sinks.topk_columns(indices, logprobs, classes)
 
 

@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 
-from engine import api
-from engine.errors import TargetOutOfRange, XentInputError, XentUsageError
+from engine.errors import XentInputError, XentUsageError
 from engine.io import Chunk, Source
-from engine.jobs.chunks import group_masks
+from engine.jobs.chunks import chunk_targets, group_masks
 from engine.jobs.finish import Report, metrics_report
 from engine.jobs.spec import JobSpec
 from engine.kernels.cpu.sparse import (
@@ -77,24 +76,9 @@ def sparse_values(chunk: Chunk, src: Source, nan_policy: str, y: np.ndarray, sid
     return f, ii, (bad if nan_policy == "skip" else np.zeros_like(bad))
 
 
-def targets_of(chunk: Chunk, spec: JobSpec, classes: int) -> api.Targets:
-    if chunk.target is None:
-        raise XentInputError("no target column", file=chunk.file)
-    try:
-        return api.prepare_targets(
-            chunk.target, chunk.num_rows, classes, spec.opts, np.float64, valid=chunk.target_valid
-        )
-    except TargetOutOfRange as err:
-        raise XentInputError(
-            f"target {err.value} is out of range for {classes} classes",
-            file=chunk.file,
-            row=chunk.file_row + err.row,
-        ) from None
-
-
 def eval_sparse_chunk(chunk: Chunk, src: Source, spec: JobSpec, state: SparseState):
     classes = src.sparse.classes
-    targets = targets_of(chunk, spec, classes)
+    targets = chunk_targets(chunk, spec, classes, np.float64)
     f, ii, bad = sparse_values(chunk, src, spec.nan_policy, targets.y)  # y: -1 where not counted
     counted = targets.counted & ~bad
     k = chunk.logits.shape[1]

@@ -47,7 +47,7 @@ def _terms(lp, lq):
 
 
 @njit(**JIT)
-def _cell_value(vals, idx, i, cls, sparse, stamp, pos, mark):
+def _cell_value(vals, i, cls, sparse, stamp, pos, mark):
     """Side value of class ``cls`` in row i: dense rows by index, sparse ones by lookup
     (stamp[cls] == mark when the row stores it, at pos[cls]); NaN when not stored."""
     if not sparse:
@@ -75,9 +75,8 @@ def sparse_divergence_kernel(
         pos = np.zeros(C, np.int64)
         for i in range(lo, hi):
             mark = i + 1
-            walk_base = b_sparse
-            other_sparse = c_sparse if walk_base else b_sparse
-            # index the side that is looked up (when it is sparse)
+            walk_base = b_sparse  # else only the candidate is sparse: walk its classes
+            # index the candidate's classes when it is looked up and sparse
             if walk_base and c_sparse:
                 for j in range(c_idx.shape[1]):
                     stamp[c_idx[i, j]] = mark
@@ -93,8 +92,8 @@ def sparse_divergence_kernel(
                 if walk_base:
                     cls = b_idx[i, j]
                     lp = np.float64(widen(b_vals[i, j])) - b_norm[i]
-                    v = _cell_value(c_vals, c_idx, i, cls, other_sparse, stamp, pos, mark)
-                    if v != v and other_sparse:
+                    v = _cell_value(c_vals, i, cls, c_sparse, stamp, pos, mark)
+                    if v != v and c_sparse:
                         continue  # not stored by the candidate: in both tails
                     lq = v - c_norm[i]
                 else:
